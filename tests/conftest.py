@@ -1,0 +1,56 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random Llama built from a config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+EMBEDDED = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The embedded model converted once to the cache (a no-op after the first run)."""
+    from cai_bootstrap.models.embedded import prepare
+
+    folder, _ = prepare(EMBEDDED)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, smollm2_folder) -> Path:
+    """A 2-layer, hidden-64 random Llama with the real SmolLM2 tokenizer, saved like a real model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_folder)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
