@@ -1,0 +1,248 @@
+"""One pydantic model for the whole pipeline, loaded from YAML with ``--set a.b=value`` overrides.
+
+Unknown keys and wrong types are errors that name the key (``extra="forbid"`` everywhere).
+Options are documented where they are defined.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .files import sha256_text
+
+Quantization = Literal["none", "8bit", "4bit"]
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+NEGATIVE_KINDS = ("refusal", "format_violation", "incorrect_fact", "off_topic", "verbose_vague")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    base: str = "smollm2-135m"
+    """Embedded name (see `cai-bootstrap models list`), a local folder, or a hub id."""
+    quantization: Quantization = "none"
+    """Load the base model 8-/4-bit through bitsandbytes (generation and QLoRA-style training)."""
+    allow_full_precision_fallback: bool = False
+    """If quantized loading is impossible, load full precision and record it, instead of failing."""
+    dtype: DType = "float32"
+    add_bos_token: bool = False
+    """Prepend the tokenizer's BOS to every prompt. Explicit, and recorded in provenance."""
+
+
+class GenerationConfig(Section):
+    batch_size: int = Field(16, ge=1)
+    backend: Literal["hf", "vllm"] = "hf"
+
+
+class BaselineConfig(Section):
+    max_new_tokens: int = Field(64, ge=1)
+    few_shot: int = Field(3, ge=0)
+
+
+class InstructionsConfig(Section):
+    builtin: int | None = Field(None, ge=0)
+    """How many built-in instructions to sample (None: the whole pool)."""
+    self_instruct_rounds: int = Field(0, ge=0)
+    """Prompts sent to the base model to write new instructions (each continues a numbered list)."""
+    self_instruct_temperature: float = Field(0.9, gt=0)
+    self_instruct_max_new_tokens: int = Field(160, ge=8)
+    dedup_threshold: float = Field(0.7, gt=0, le=1)
+    test_size: float = Field(0.1, gt=0)
+    """Held-out share (< 1) or count (>= 1) of the pool, stratified by category."""
+    train_file: str | None = None
+    """Your own instructions (JSONL of InstructionRecord); validated, de-duplicated, leak-checked."""
+    test_file: str | None = None
+    """Your own held-out test set; when given, no test items are drawn from the pool."""
+
+
+class CriticConfig(Section):
+    enabled: bool = False
+    min_margin: float = 0.0
+    """Keep a response when log p(A: good) - log p(B: bad) under the base model clears this."""
+
+
+class SFTDataConfig(Section):
+    max_instructions: int | None = Field(None, ge=1)
+    few_shot: int = Field(3, ge=0)
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    best_of_n: int = Field(1, ge=1)
+    """Sample N responses per instruction and keep the one the critic prefers (needs the critic)."""
+    critic: CriticConfig = CriticConfig()
+
+    @model_validator(mode="after")
+    def _best_of_n_needs_critic(self) -> SFTDataConfig:
+        if self.best_of_n > 1 and not self.critic.enabled:
+            raise ValueError("best_of_n > 1 needs critic.enabled: true (the critic picks the best)")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class SFTConfig(Section):
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(256, ge=16)
+    eval_share: float = Field(0.1, ge=0, lt=1)
+    max_drop_share: float = Field(0.01, ge=0, le=1)
+    """Fail if more than this share of examples is dropped by masking (unfindable boundary, too long)."""
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(5, ge=1)
+
+
+class PairsConfig(Section):
+    negative_weights: dict[str, float] = Field(
+        default_factory=lambda: {k: 1.0 for k in NEGATIVE_KINDS}
+    )
+    """Relative weights of the five rule-built negative kinds (applied exactly, by largest remainder)."""
+    on_policy_share: float = Field(0.25, ge=0, le=1)
+    """Share of pairs whose rejected response is the base model's own output."""
+    max_new_tokens: int = Field(96, ge=1)
+    fallback_to_sft_data: bool = True
+    """Use the SFT-data response as chosen when the SFT model's own response fails QC (recorded per pair)."""
+    confident_margin: float = 0.0
+    """Pairs whose SFT-model margin exceeds this are flagged confident."""
+
+    @field_validator("negative_weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = set(value) - set(NEGATIVE_KINDS)
+        if unknown:
+            raise ValueError(f"unknown negative kinds {sorted(unknown)}; known: {list(NEGATIVE_KINDS)}")
+        if any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return value
+
+
+class DPOConfig(Section):
+    """One block for both DPO runs (from SFT and from base): only the init differs."""
+
+    lora: LoraConfig = LoraConfig()
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """For loss_type robust: the assumed share of flipped preference labels."""
+    learning_rate: float = Field(5e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(256, ge=16)
+    precompute_ref_log_probs: bool = True
+    logging_steps: int = Field(5, ge=1)
+
+
+class EvaluationConfig(Section):
+    models: list[str] = Field(default_factory=lambda: ["base", "sft", "dpo", "dpo_only"])
+    extra_models: dict[str, str] = Field(default_factory=dict)
+    """Extra references by name: a model spec, or `spec+adapter_dir` for another run's adapter."""
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(16, ge=1)
+    judge: str = "none"
+    """none | self | hf:<model spec>: adds model-judged scores, reported apart from the deterministic ones."""
+    bootstrap_resamples: int = Field(10000, ge=100)
+    fdr_q: float = Field(0.05, gt=0, lt=1)
+
+    @field_validator("judge")
+    @classmethod
+    def _judge(cls, value: str) -> str:
+        if value not in ("none", "self") and not value.startswith("hf:"):
+            raise ValueError("judge must be none, self or hf:<model>")
+        return value
+
+
+class PipelineConfig(Section):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    instructions: InstructionsConfig = InstructionsConfig()
+    sft_data: SFTDataConfig = SFTDataConfig()
+    sft: SFTConfig = SFTConfig()
+    pairs: PairsConfig = PairsConfig()
+    dpo: DPOConfig = DPOConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    def section_hash(self, *names: str) -> str:
+        """Hash of the sections a step depends on (plus seed and model), for skip decisions."""
+        dumped = self.model_dump(mode="json")
+        part = {n: dumped[n] for n in ("seed", "model", *names)}
+        return sha256_text(json.dumps(part, sort_keys=True))
+
+    def hash(self) -> str:
+        return sha256_text(json.dumps(self.model_dump(mode="json"), sort_keys=True))
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names every offending key."""
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3``, ``true``, ``[a, b]``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key part")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read YAML (or start from defaults), apply overrides, validate."""
+    source = str(path) if path else "defaults"
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: config file not found") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded or {}
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+
+
+def dump_config(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
