@@ -25,6 +25,19 @@ models_app = typer.Typer(help="Embedded and local models: list, prepare.", no_ar
 app.add_typer(models_app, name="models")
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Library progress bars and advisory warnings would drown our own progress display."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def fail(message: str, code: int = 1) -> None:
     console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -155,6 +168,205 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
             f"{s.get('duration_s', 0):.1f}s" if "duration_s" in s else "", s.get("ended", ""),
         )
     console.print(table)
+
+
+# ---------------------------------------------------------------- pipeline steps
+
+ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config (YAML), e.g. configs/quick.yaml.")]
+RunDirOpt = Annotated[Path, typer.Option("--run-dir", help="The run directory (created if missing).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b=value (repeatable).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even if inputs and config are unchanged.")]
+
+
+def open_run(config: Path, run_dir: Path, overrides: list[str] | None):
+    from .config import ConfigError, load_config
+    from .run import Run
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        fail(str(e))
+    return Run(run_dir, cfg)
+
+
+def _step(fn, config: Path, run_dir: Path, overrides, **kwargs) -> None:
+    from .models.embedded import ModelNotAvailable
+    from .models.loading import QuantizationUnavailable
+    from .run import StepFailed
+    from .schemas import ArtifactError
+
+    run = open_run(config, run_dir, overrides)
+    try:
+        fn(run, **kwargs)
+    except (ArtifactError, StepFailed, ModelNotAvailable, QuantizationUnavailable) as e:
+        fail(str(e))
+
+
+@app.command()
+def baseline(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Score the base model on a fixed probe set in three prompt forms (raw, wrapper, few-shot)."""
+    from .steps.baseline import run_baseline
+
+    _step(run_baseline, config, run_dir, set_, force=force)
+
+
+@app.command()
+def instructions(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Build the de-duplicated instruction pool and the held-out test set (leak-checked)."""
+    from .steps.instructions import run_instructions
+
+    _step(run_instructions, config, run_dir, set_, force=force)
+
+
+@app.command("sft-data")
+def sft_data(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Generate SFT responses with the base model (few-shot), clean, filter and critique them."""
+    from .steps.sft_data import run_sft_data
+
+    _step(run_sft_data, config, run_dir, set_, force=force)
+
+
+@app.command()
+def sft(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+        resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False) -> None:
+    """LoRA SFT with response-only loss; saves the adapter to models/sft/."""
+    from .steps.sft import run_sft
+
+    _step(run_sft, config, run_dir, set_, force=force, resume=resume)
+
+
+@app.command()
+def pairs(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Build preference pairs: the SFT model's responses vs five kinds of negatives plus on-policy ones."""
+    from .steps.pairs import run_pairs
+
+    _step(run_pairs, config, run_dir, set_, force=force)
+
+
+@app.command()
+def dpo(config: ConfigArg, run_dir: RunDirOpt,
+        init: Annotated[str, typer.Option(help="sft: DPO from the SFT model; base: the DPO-only baseline.")] = "sft",
+        set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """DPO with TRL from the SFT model (models/dpo) or from base (models/dpo_only); one shared dpo: block."""
+    from .steps.dpo import run_dpo
+
+    if init not in ("sft", "base"):
+        fail("--init must be sft or base")
+    _step(run_dpo, config, run_dir, set_, init=init, force=force)
+
+
+@app.command()
+def evaluate(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+             model: Annotated[Optional[list[str]], typer.Option(help="Evaluate only these models (repeatable).")] = None) -> None:
+    """Evaluate base / sft / dpo / dpo_only one at a time on the held-out set, with isolation checks."""
+    from .steps.evaluate import run_evaluate
+
+    _step(run_evaluate, config, run_dir, set_, force=force, only=model)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with saved responses.")]) -> None:
+    """Rebuild scores, statistics and the report from saved responses, without loading any model."""
+    from .run import Run
+    from .steps.report import run_report
+
+    if not (run_dir / "manifest.json").is_file():
+        fail(f"{run_dir / 'manifest.json'} not found: not a run directory")
+    run_report(Run(run_dir))
+
+
+@app.command()
+def run(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+        until: Annotated[Optional[str], typer.Option(help="Stop after this step.")] = None) -> None:
+    """Run every step in order, skipping completed ones, then write the report."""
+    from .steps.pipeline import run_pipeline
+
+    _step(run_pipeline, config, run_dir, set_, force=force, until=until)
+
+
+@app.command()
+def score(
+    responses: Annotated[Path, typer.Argument(help="EvalResponse JSONL (eval/responses/<model>.jsonl).")],
+    tests: Annotated[Path, typer.Option(help="The test set (data/test.jsonl).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON score record per line.")] = False,
+) -> None:
+    """Score saved responses against the test set with no model loaded."""
+    from .evaluation.criteria import CRITERIA
+    from .evaluation.analysis import score_all
+    from .schemas import ArtifactError, EvalResponse, InstructionRecord, load_jsonl, load_kind
+
+    try:
+        items = load_jsonl(tests, InstructionRecord)
+        rs = load_kind("responses", responses)
+    except ArtifactError as e:
+        fail(str(e))
+    by_model: dict[str, list] = {}
+    for r in rs:
+        by_model.setdefault(r.model, []).append(r)
+    try:
+        scores = score_all(items, by_model)
+    except ValueError as e:
+        fail(str(e))
+    if json_out:
+        for s in scores:
+            print(s.model_dump_json())
+        return
+    table = Table(title=f"scores: {responses}")
+    table.add_column("criterion")
+    for m in by_model:
+        table.add_column(m, justify="right")
+    flat = [(s.model, {**s.criteria, "ifeval_strict": s.checks_strict, "ifeval_loose": s.checks_loose})
+            for s in scores]
+    for c in (*CRITERIA, "ifeval_strict", "ifeval_loose"):
+        row = []
+        for m in by_model:
+            vals = [v[c] for model, v in flat if model == m and v.get(c) is not None]
+            row.append(f"{sum(vals)}/{len(vals)}" if vals else "-")
+        table.add_row(c, *row)
+    console.print(table)
+
+
+@app.command("inspect-masks")
+def inspect_masks(
+    data: Annotated[Path, typer.Argument(help="JSONL with prompt+response records (e.g. data/sft.jsonl) or raw `text` records.")],
+    model: Annotated[str, typer.Option(help="Model spec whose tokenizer to use.")] = "smollm2-135m",
+    n: Annotated[int, typer.Option(min=1, help="How many examples to show.")] = 5,
+    max_length: Annotated[int, typer.Option(help="Token limit (truncation applies as in training).")] = 256,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per example instead of the view.")] = False,
+) -> None:
+    """Show which tokens are supervised: the response, END and EOS only, never the prompt."""
+    from .formats import prompt_for
+    from .models.embedded import ModelNotAvailable
+    from .models.loading import load_tokenizer, resolve
+    from .training.masking import inspect_masks as inspect, render_masks
+
+    records = []
+    for k, line in enumerate(data.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{data}:{k}: (json): {e.msg}")
+        if not isinstance(obj, dict) or "id" not in obj:
+            fail(f"{data}:{k}: id: a record with an id is required")
+        if "text" not in obj:
+            if "instruction" in obj and "response" in obj:  # SFT records: train on the zero-shot prompt
+                obj = {"id": obj["id"], "prompt": prompt_for(obj["instruction"]), "response": obj["response"]}
+            elif not {"prompt", "response"} <= set(obj):
+                fail(f"{data}:{k}: text: need `text`, or `prompt` and `response`")
+        records.append(obj)
+        if len(records) >= n:
+            break
+    try:
+        tok = load_tokenizer(resolve(model).path)
+    except ModelNotAvailable as e:
+        fail(str(e))
+    if json_out:
+        for row in inspect(tok, records, n, max_length=max_length):
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        render_masks(tok, records, n, console=console, max_length=max_length)
 
 
 def main() -> None:  # pragma: no cover

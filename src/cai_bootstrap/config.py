@@ -42,6 +42,8 @@ class GenerationConfig(Section):
 
 
 class BaselineConfig(Section):
+    n_probes: int = Field(42, ge=1)
+    """Fixed probes drawn from the built-in pool (stratified, seed-independent); 40+ for a real baseline."""
     max_new_tokens: int = Field(64, ge=1)
     few_shot: int = Field(3, ge=0)
 

@@ -1,0 +1,1 @@
+"""Pipeline steps: each reads validated artifacts from a run directory and writes new ones."""

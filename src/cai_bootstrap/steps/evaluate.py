@@ -1,0 +1,159 @@
+"""`evaluate`: each model loaded fresh from disk, run on the held-out set, fingerprinted, then freed.
+
+Isolation is verified, not assumed: the base fingerprint is taken before any adapter model runs and
+again from a fresh load after all of them; adapter models must differ from base and from each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import PipelineConfig
+from ..console import console, generation_progress
+from ..evaluation.memory import peak_memory
+from ..files import atomic_write_json, sha256_path, write_jsonl
+from ..formats import prompt_for
+from ..generation.engine import Decoding, Engine
+from ..models.loading import LoadedModel, fingerprint, free, load_model
+from ..run import Run
+from ..schemas import EvalResponse, InstructionRecord, load_jsonl
+from .common import DPO_DIR, DPO_ONLY_DIR, RESPONSES_DIR, SFT_DIR, TEST
+
+EVALUATION = "eval/evaluation.json"
+PROMPT_FORMAT = "Instruction: {instruction}\\nResponse:"
+CHAINS = {"base": [], "sft": [SFT_DIR], "dpo": [SFT_DIR, DPO_DIR], "dpo_only": [DPO_ONLY_DIR]}
+
+
+class IsolationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelUnderTest:
+    name: str
+    spec: str
+    adapters: tuple[Path, ...]
+
+
+def models_under_test(run: Run) -> list[ModelUnderTest]:
+    cfg = run.config.evaluation
+    out = []
+    for name in cfg.models:
+        if name not in CHAINS:
+            raise ValueError(f"evaluation.models: unknown model {name!r}; known: {list(CHAINS)} (+ extra_models)")
+        out.append(ModelUnderTest(name, run.config.model.base, tuple(run.path(a) for a in CHAINS[name])))
+    for name, spec in cfg.extra_models.items():
+        base, _, adapter = spec.partition("+")
+        out.append(ModelUnderTest(name, base, (Path(adapter),) if adapter else ()))
+    return out
+
+
+Loader = Callable[[ModelUnderTest, PipelineConfig], LoadedModel]
+
+
+def fresh_load(m: ModelUnderTest, config: PipelineConfig) -> LoadedModel:
+    """Base weights from disk plus this model's own adapter chain: never a model object used before."""
+    mc = config.model
+    return load_model(m.spec, quantization=mc.quantization, dtype=mc.dtype, adapters=list(m.adapters),
+                      allow_full_precision_fallback=mc.allow_full_precision_fallback)
+
+
+def evaluate_one(m: ModelUnderTest, items: list[InstructionRecord], config: PipelineConfig,
+                 loader: Loader = fresh_load) -> tuple[list[EvalResponse], dict]:
+    cfg = config.evaluation
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens)  # greedy: deterministic
+    prompts = [prompt_for(it.instruction) for it in items]
+    with peak_memory() as memory:
+        loaded = loader(m, config)
+        try:
+            fp = fingerprint(loaded.model)
+            engine = Engine(loaded.model, loaded.tokenizer, batch_size=cfg.batch_size, add_bos=config.model.add_bos_token)
+            with generation_progress(len(prompts), f"evaluate {m.name}") as progress:
+                gens = engine.generate(prompts, decoding, progress)
+            provenance = dict(loaded.provenance)
+        finally:
+            free(loaded)
+            del loaded
+    responses = [
+        EvalResponse(id=it.id, model=m.name, prompt=p, raw_text=g.raw_text, response=g.text, stop_string=g.stop_string,
+                     finish_reason=g.finish_reason, prompt_tokens=g.prompt_tokens,
+                     completion_tokens=g.completion_tokens, max_new_tokens=decoding.max_new_tokens)
+        for it, p, g in zip(items, prompts, gens)
+    ]
+    info = {"fingerprint": fp, "adapters": {str(a): sha256_path(a) for a in m.adapters}, "memory": memory,
+            "provenance": provenance, "generation": engine.stats.as_dict(), "decoding": decoding.as_dict()}
+    return responses, info
+
+
+def verify_isolation(infos: dict[str, dict], models: list[ModelUnderTest], base_spec: str, base_before: str,
+                     base_after: str) -> list[str]:
+    """Every way a model could have run with weights other than its own; empty when isolated."""
+    problems = []
+    if base_after != base_before:
+        problems.append(f"base weights changed while evaluating: {base_before} before, {base_after} after")
+    for m in models:
+        fp = infos[m.name]["fingerprint"]
+        if m.spec == base_spec and not m.adapters and fp != base_before:
+            problems.append(f"{m.name} should run the base weights ({base_before}) but ran {fp}")
+        if m.spec == base_spec and m.adapters and fp == base_before:
+            problems.append(f"{m.name} ran the base weights: its adapters {[str(a) for a in m.adapters]} had no effect")
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            if (a.spec, a.adapters) != (b.spec, b.adapters) and infos[a.name]["fingerprint"] == infos[b.name]["fingerprint"]:
+                problems.append(f"{a.name} and {b.name} ran identical weights despite different models")
+    return problems
+
+
+def evaluate_models(models: list[ModelUnderTest], items: list[InstructionRecord], config: PipelineConfig,
+                    loader: Loader = fresh_load) -> tuple[dict[str, list[EvalResponse]], dict]:
+    """Evaluate one model at a time; verify isolation; return responses and the evaluation record."""
+    base = ModelUnderTest("base", config.model.base, ())
+    before = loader(base, config)
+    base_before = fingerprint(before.model)
+    free(before)
+    del before
+    responses, infos = {}, {}
+    for m in models:
+        console.print(f"evaluate: {m.name} ({len(m.adapters)} adapter(s))")
+        responses[m.name], infos[m.name] = evaluate_one(m, items, config, loader)
+    after = loader(base, config)
+    base_after = fingerprint(after.model)
+    free(after)
+    del after
+    problems = verify_isolation(infos, models, config.model.base, base_before, base_after)
+    if problems:
+        raise IsolationError("model isolation check failed:\n" + "\n".join(problems))
+    record = {
+        "models": infos,
+        "order": [m.name for m in models],
+        "isolation": {"verified": True, "base_fingerprint_before": base_before, "base_fingerprint_after": base_after},
+        "prompt_format": PROMPT_FORMAT,
+        "n_items": len(items),
+        "peak_rss_mb": {n: i["memory"]["rss_peak_mb"] for n, i in infos.items()},
+    }
+    return responses, record
+
+
+def run_evaluate(run: Run, force: bool = False, only: list[str] | None = None) -> bool:
+    config = run.config
+    models = [m for m in models_under_test(run) if not only or m.name in only]
+    inputs = [TEST] + sorted({str(a.relative_to(run.dir)) for m in models for a in m.adapters
+                              if a.is_relative_to(run.dir)})
+    params = config.section_hash("evaluation") + ":" + ",".join(m.name for m in models)
+    outputs = [f"{RESPONSES_DIR}/{m.name}.jsonl" for m in models] + [EVALUATION]
+    if not force and run.is_current("evaluate", params, inputs):
+        console.print("evaluate: up to date, skipped")
+        return False
+    with run.step("evaluate", params, inputs, outputs) as step:
+        items = load_jsonl(run.path(TEST), InstructionRecord)
+        responses, record = evaluate_models(models, items, config)
+        for name, rs in responses.items():
+            write_jsonl(run.path(f"{RESPONSES_DIR}/{name}.jsonl"), rs)
+        atomic_write_json(run.path(EVALUATION), record)
+        step.kept = len(items)
+        step.metrics.update({"models": record["order"], "peak_rss_mb": record["peak_rss_mb"],
+                             "fingerprints": {n: i["fingerprint"] for n, i in record["models"].items()},
+                             "isolation_verified": True})
+    return True

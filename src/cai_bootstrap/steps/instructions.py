@@ -1,0 +1,119 @@
+"""`instructions`: built-in pool + self-instruct + user files -> de-duplicated train pool and test set."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+from ..config import PipelineConfig
+from ..console import console
+from ..data.dedup import deduplicate
+from ..data.pool import builtin_pool
+from ..data.sampling import stratified_sample
+from ..data.self_instruct import build_prompt, parse_numbered_list
+from ..data.split import check_leakage, purge_leaks, split
+from ..files import atomic_write_json, write_jsonl
+from ..formats import RUNAWAY_MARKERS
+from ..generation.engine import Decoding
+from ..models.loading import free
+from ..run import Run
+from ..schemas import InstructionRecord, load_jsonl
+from .common import INSTRUCTIONS, INSTRUCTIONS_REPORT, TEST, engine_for, load_base
+
+
+def self_instruct(config: PipelineConfig, seeds: list[InstructionRecord]) -> tuple[list[InstructionRecord], Counter]:
+    """The base model continues numbered lists of seed instructions; parsed lines become new items."""
+    cfg = config.instructions
+    dropped: Counter = Counter()
+    if cfg.self_instruct_rounds == 0:
+        return [], dropped
+    rng = random.Random(f"self-instruct:{config.seed}")
+    prompts, starts = [], []
+    for _ in range(cfg.self_instruct_rounds):
+        prompt, start = build_prompt(seeds, rng)
+        prompts.append(prompt)
+        starts.append(start)
+    loaded = load_base(config)
+    try:
+        decoding = Decoding(max_new_tokens=cfg.self_instruct_max_new_tokens, temperature=cfg.self_instruct_temperature,
+                            top_p=0.95, seed=config.seed, stop_strings=("\n\n", *RUNAWAY_MARKERS))
+        outs = engine_for(loaded, config).generate(prompts, decoding)
+    finally:
+        free(loaded)
+    new: list[InstructionRecord] = []
+    seen = [s.instruction for s in seeds]
+    for k, (g, start) in enumerate(zip(outs, starts)):
+        kept, rejected = parse_numbered_list(g.raw_text, start, complete=g.finish_reason != "length", exclude=seen)
+        for reason in (r for _, r in rejected):
+            dropped[f"self_instruct_{reason}"] += 1
+        for j, text in enumerate(kept):
+            new.append(InstructionRecord(id=f"si-{k}-{j}", instruction=text, category="open", source="self_instruct"))
+            seen.append(text)
+    return new, dropped
+
+
+def _load_user(path: str | None) -> list[InstructionRecord]:
+    return load_jsonl(Path(path), InstructionRecord) if path else []
+
+
+def run_instructions(run: Run, force: bool = False) -> bool:
+    config = run.config
+    cfg = config.instructions
+    user_inputs = [p for p in (cfg.train_file, cfg.test_file) if p]
+    params = config.section_hash("instructions") + ":" + ":".join(
+        f"{p}={Path(p).stat().st_mtime_ns if Path(p).exists() else 'missing'}" for p in user_inputs)
+    if not force and run.is_current("instructions", params, []):
+        console.print("instructions: up to date, skipped")
+        return False
+    with run.step("instructions", params, [], [INSTRUCTIONS, TEST, INSTRUCTIONS_REPORT]) as step:
+        user_train, user_test = _load_user(cfg.train_file), _load_user(cfg.test_file)
+        builtin = stratified_sample(builtin_pool(), cfg.builtin, config.seed, "builtin")
+        generated, si_dropped = self_instruct(config, builtin) if cfg.self_instruct_rounds else ([], Counter())
+        # Order is priority for de-duplication: the user's items, then built-in, then self-instruct.
+        candidates = [*user_train, *builtin, *generated]
+        dedup = deduplicate(candidates, threshold=cfg.dedup_threshold)
+        if user_test:
+            test_dedup = deduplicate(user_test, threshold=cfg.dedup_threshold)
+            train, test = dedup.kept, test_dedup.kept
+            test_dropped = test_dedup.counts
+        else:
+            size = int(cfg.test_size) if cfg.test_size >= 1 else cfg.test_size
+            train, test = split(dedup.kept, size, config.seed)
+            test_dropped = {}
+        # Generated items (built-in, self-instruct) that resemble a test item are purged and counted;
+        # the user's own training items are never dropped: if one leaks, the check below fails loudly.
+        mine = [r for r in train if r.source == "user"]
+        generated_train, leaks = purge_leaks([r for r in train if r.source != "user"], test, cfg.dedup_threshold)
+        train = [*mine, *generated_train]
+        check_leakage(train, test, cfg.dedup_threshold)
+        write_jsonl(run.path(INSTRUCTIONS), train)
+        write_jsonl(run.path(TEST), test)
+        report = {
+            "candidates": {"user_train": len(user_train), "builtin": len(builtin), "self_instruct": len(generated),
+                           "user_test": len(user_test)},
+            "dedup_dropped": dedup.counts,
+            "test_dedup_dropped": test_dropped,
+            "self_instruct_dropped": dict(si_dropped),
+            "leakage_purged_from_train": len(leaks),
+            "train": len(train),
+            "test": len(test),
+            "train_by_category": dict(Counter(r.category for r in train)),
+            "test_by_category": dict(Counter(r.category for r in test)),
+            "dropped_examples": [
+                {"id": d.record.id, "instruction": d.record.instruction, "reason": d.reason,
+                 "duplicate_of": d.duplicate_of, "similarity": round(d.similarity, 3)} for d in dedup.dropped[:200]
+            ],
+        }
+        atomic_write_json(run.path(INSTRUCTIONS_REPORT), report)
+        step.kept = len(train) + len(test)
+        for reason, n in dedup.counts.items():
+            step.drop(f"dedup_{reason}", n)
+        for reason, n in test_dropped.items():
+            step.drop(f"test_dedup_{reason}", n)
+        for reason, n in si_dropped.items():
+            step.drop(reason, n)
+        step.drop("leaks_into_test", len(leaks))
+        step.metrics.update({"train": len(train), "test": len(test), "self_instruct_kept": len(generated)})
+    console.print(f"instructions: train {len(train)}, test {len(test)}; dropped {dict(step.dropped)}")
+    return True

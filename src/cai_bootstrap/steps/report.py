@@ -1,0 +1,72 @@
+"""`report`: scores, statistics and the report, rebuilt from saved responses without loading a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..console import console
+from ..evaluation.analysis import analyze, score_all, select_samples
+from ..evaluation.report import headline_table, write_report
+from ..files import atomic_write_json, write_jsonl
+from ..run import Run
+from ..schemas import EvalResponse, InstructionRecord, load_jsonl
+from .common import BASELINE, REPORT_DIR, RESPONSES_DIR, RESULTS, SCORES, TEST
+from .evaluate import EVALUATION
+
+N_SAMPLES = 8
+
+
+def load_responses(run: Run, names: list[str]) -> dict[str, list[EvalResponse]]:
+    out = {}
+    for name in names:
+        path = run.path(f"{RESPONSES_DIR}/{name}.jsonl")
+        out[name] = load_jsonl(path, EvalResponse)
+        wrong = {r.model for r in out[name]} - {name}
+        if wrong:
+            raise ValueError(f"{path}: holds responses of {sorted(wrong)}, expected only {name!r}")
+    return out
+
+
+def step_summaries(run: Run) -> dict:
+    return {name: {"status": s.get("status"), **s.get("counts", {}), "metrics": s.get("metrics", {}),
+                   "duration_s": s.get("duration_s")} for name, s in run.steps().items()}
+
+
+def provenance(run: Run, evaluation: dict) -> dict:
+    env = next((s.get("environment") for s in run.steps().values() if s.get("environment")), {}) or {}
+    return {
+        "config_hash": run.manifest.get("config_hash"),
+        "base_model": run.config.model.base,
+        "git_commit": env.get("git_commit"),
+        **{f"version.{k}": v for k, v in (env.get("versions") or {}).items() if v},
+        **{f"fingerprint.{n}": i["fingerprint"] for n, i in evaluation.get("models", {}).items()},
+        **{f"peak_rss_mb.{n}": i["memory"]["rss_peak_mb"] for n, i in evaluation.get("models", {}).items()},
+        "isolation_verified": evaluation.get("isolation", {}).get("verified"),
+        "prompt_format": evaluation.get("prompt_format"),
+    }
+
+
+def build_report(run: Run) -> dict:
+    """Score saved responses, compute statistics, write results.json and the report. No model is loaded."""
+    evaluation = json.loads(run.path(EVALUATION).read_text()) if run.path(EVALUATION).exists() else {}
+    names = evaluation.get("order") or [p.stem for p in sorted(run.path(RESPONSES_DIR).glob("*.jsonl"))]
+    items = load_jsonl(run.path(TEST), InstructionRecord)
+    responses = load_responses(run, names)
+    scores = score_all(items, responses)
+    cfg = run.config.evaluation
+    results = analyze(items, scores, models=names, q=cfg.fdr_q, n_resamples=cfg.bootstrap_resamples, seed=run.config.seed)
+    write_jsonl(run.path(SCORES), scores)
+    atomic_write_json(run.path(RESULTS), results)
+    baseline = json.loads(run.path(BASELINE).read_text()) if run.path(BASELINE).exists() else None
+    paths = write_report(results, out_dir=run.path(REPORT_DIR), samples=select_samples(items, responses, n=N_SAMPLES, seed=run.config.seed),
+                         baseline=baseline, summaries=step_summaries(run), provenance=provenance(run, evaluation))
+    return {"results": results, "paths": paths}
+
+
+def run_report(run: Run) -> Path:
+    out = build_report(run)
+    console.print(headline_table(out["results"]), markup=False, highlight=False)
+    md = Path(out["paths"]["markdown"])
+    console.print(f"report: {md} (and {out['paths']['html']})")
+    return md

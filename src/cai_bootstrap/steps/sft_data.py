@@ -1,0 +1,117 @@
+"""`sft-data`: the base model answers training instructions from few-shot prompts; QC keeps the good ones."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ..config import PipelineConfig
+from ..console import console
+from ..data.critic import CRITIC_PROMPT_VERSION, calibration_margin, critic_margins
+from ..data.sampling import stratified_sample
+from ..data.sft_quality import qc_reason
+from ..files import atomic_write_json, write_jsonl
+from ..formats import choose_shots, few_shot_prompt
+from ..generation.engine import Decoding
+from ..generation.records import generate_records
+from ..models.loading import fingerprint, free
+from ..run import Run
+from ..schemas import InstructionRecord, PromptRecord, SFTRecord, load_jsonl
+from .common import INSTRUCTIONS, SFT, SFT_QC, engine_for, few_shot_pool, generator_provenance, load_base
+
+
+def sft_prompts(config: PipelineConfig, items: list[InstructionRecord]) -> list[str]:
+    """Few-shot prompts: k worked examples drawn by (seed, item id), never the item itself."""
+    pool = few_shot_pool()
+    return [few_shot_prompt(it.instruction, choose_shots(pool, config.sft_data.few_shot, config.seed, it.id,
+                                                         exclude=it.instruction)) for it in items]
+
+
+def run_sft_data(run: Run, force: bool = False) -> bool:
+    config = run.config
+    cfg = config.sft_data
+    params = config.section_hash("sft_data")
+    if not force and run.is_current("sft-data", params, [INSTRUCTIONS]):
+        console.print("sft-data: up to date, skipped")
+        return False
+    with run.step("sft-data", params, [INSTRUCTIONS], [SFT, SFT_QC]) as step:
+        items = stratified_sample(load_jsonl(run.path(INSTRUCTIONS), InstructionRecord), cfg.max_instructions,
+                                  config.seed, "sft-data")
+        prompts = sft_prompts(config, items)
+        loaded = load_base(config)
+        try:
+            engine = engine_for(loaded, config)
+            candidates: list[list[tuple]] = [[] for _ in items]  # per item: (generation, decoding)
+            for n in range(cfg.best_of_n):
+                decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    seed=config.seed + n)
+                records = [PromptRecord(id=it.id, prompt=p) for it, p in zip(items, prompts)]
+                gens = generate_records(engine, records, decoding,
+                                        label=f"sft-data {n + 1}/{cfg.best_of_n}" if cfg.best_of_n > 1 else "sft-data")
+                for i, g in enumerate(gens):
+                    candidates[i].append((g, decoding))
+            dropped: Counter = Counter()
+            survivors: list[list[tuple]] = []
+            for it, cands in zip(items, candidates):
+                ok = []
+                for g, d in cands:
+                    reason = qc_reason(it, g.text, g.stop_string, g.finish_reason)
+                    if reason:
+                        dropped[reason] += 1
+                    else:
+                        ok.append((g, d))
+                survivors.append(ok)
+            margins: dict[tuple[int, int], float] = {}
+            calibration = None
+            if cfg.critic.enabled:
+                # The critic's label bias (its margin on a content-free pair) is subtracted, so that
+                # min_margin = 0 means "judged better than nothing", not "the model likes saying A".
+                calibration = calibration_margin(loaded.model, loaded.tokenizer)
+                flat = [(i, j) for i, ok in enumerate(survivors) for j in range(len(ok))]
+                values = critic_margins(loaded.model, loaded.tokenizer,
+                                        [(items[i].instruction, survivors[i][j][0].text) for i, j in flat],
+                                        batch_size=config.generation.batch_size, add_bos=config.model.add_bos_token)
+                margins = {k: v - calibration for k, v in zip(flat, values)}
+            provenance: dict = {}
+            fingerprint_ = fingerprint(loaded.model)
+            kept: list[SFTRecord] = []
+            for i, (it, ok) in enumerate(zip(items, survivors)):
+                if cfg.critic.enabled:
+                    passing = [j for j in range(len(ok)) if margins[(i, j)] >= cfg.critic.min_margin]
+                    dropped["critic_low"] += len(ok) - len(passing)
+                    if not passing:
+                        continue
+                    best = max(passing, key=lambda j: (margins[(i, j)], -j))
+                    dropped["not_best_of_n"] += len(passing) - 1
+                else:
+                    if not ok:
+                        continue
+                    best = 0
+                    dropped["not_best_of_n"] += len(ok) - 1
+                g, d = ok[best]
+                if d.seed not in provenance:
+                    provenance[d.seed] = generator_provenance(loaded, config, d, fingerprint_)
+                kept.append(SFTRecord(
+                    id=it.id, instruction=it.instruction, category=it.category, prompt=g.prompt, response=g.text,
+                    generator=provenance[d.seed], finish_reason=g.finish_reason, stop_string=g.stop_string,
+                    critic_margin=margins.get((i, best)), candidates=len(candidates[i]),
+                ))
+            stats = engine.stats.as_dict()
+            fallback = loaded.provenance["full_precision_fallback"]
+        finally:
+            free(loaded)
+        generated = sum(len(c) for c in candidates)
+        dropped = Counter({k: v for k, v in dropped.items() if v})
+        assert generated == len(kept) + sum(dropped.values()), "QC counts must add up"
+        write_jsonl(run.path(SFT), kept)
+        ended = sum(1 for c in candidates for g, _ in c if g.stop_string == "\nEND")
+        qc = {"instructions": len(items), "generated": generated, "kept": len(kept), "dropped": dict(dropped),
+              "wrote_end": ended, "critic": {"enabled": cfg.critic.enabled, "min_margin": cfg.critic.min_margin,
+                                               "prompt_version": CRITIC_PROMPT_VERSION,
+                                               "calibration_margin": calibration},
+              "generation": stats, "full_precision_fallback": fallback}
+        atomic_write_json(run.path(SFT_QC), qc)
+        step.kept = len(kept)
+        step.dropped.update(dropped)
+        step.metrics.update({"generated": generated, "wrote_end": ended, "tokens_per_s": stats["tokens_per_s"]})
+    console.print(f"sft-data: generated {generated}, kept {len(kept)}, dropped {dict(dropped)}")
+    return True

@@ -1,0 +1,164 @@
+"""Pipeline steps on the tiny random model: artifacts, counts, skipping, leakage, isolation, report."""
+
+import json
+
+import pytest
+
+from cai_bootstrap.config import load_config
+from cai_bootstrap.data.dedup import near_duplicate_pairs
+from cai_bootstrap.data.split import LeakageError
+from cai_bootstrap.files import write_jsonl
+from cai_bootstrap.models.loading import load_model
+from cai_bootstrap.run import Run
+from cai_bootstrap.schemas import InstructionRecord, load_jsonl, validate_kind
+from cai_bootstrap.steps import evaluate as evaluate_step
+from cai_bootstrap.steps.baseline import run_baseline
+from cai_bootstrap.steps.common import INSTRUCTIONS, TEST
+from cai_bootstrap.steps.evaluate import IsolationError, ModelUnderTest, evaluate_models, run_evaluate
+from cai_bootstrap.steps.instructions import run_instructions
+from cai_bootstrap.steps.report import build_report
+from cai_bootstrap.steps.sft_data import run_sft_data
+
+
+def tiny_config(folder, *overrides):
+    return load_config(None, [f"model.base={folder}", "generation.batch_size=8", *overrides])
+
+
+def make_adapter(model_folder, out, seed):
+    """A LoRA adapter with non-zero weights, so that it changes the model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = load_model(str(model_folder)).model
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(out)
+    return out
+
+
+def test_instructions_step_split_counts_and_skip(tmp_path, tiny_model_folder):
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=300", "instructions.test_size=30",
+                      "instructions.self_instruct_rounds=2", "instructions.self_instruct_max_new_tokens=24")
+    run = Run(tmp_path, cfg)
+    assert run_instructions(run)
+    train = load_jsonl(run.path(INSTRUCTIONS), InstructionRecord)
+    test = load_jsonl(run.path(TEST), InstructionRecord)
+    assert len(test) == 30 and len(train) > 200
+    assert not near_duplicate_pairs(train, test, cfg.instructions.dedup_threshold)
+    assert {r.category for r in test} >= {"qa", "format", "completion"}
+    step = run.steps()["instructions"]
+    report = json.loads(run.path("data/instructions_report.json").read_text())
+    # every candidate is accounted for: kept in train/test or dropped by a counted reason
+    c = report["candidates"]
+    assert c["builtin"] + c["self_instruct"] == len(train) + len(test) + sum(report["dedup_dropped"].values()) \
+        + report["leakage_purged_from_train"]
+    assert step["counts"]["kept"] == len(train) + len(test)
+    assert not run_instructions(run)  # unchanged: skipped
+
+
+def test_user_files_are_validated_and_user_leakage_fails_loudly(tmp_path, tiny_model_folder):
+    user_train = [InstructionRecord(id="u1", instruction="Describe the smell of fresh rain on a summer street.",
+                                    category="open", source="user")]
+    user_test = [InstructionRecord(id="t1", instruction="Describe the smell of fresh rain on summer streets.",
+                                   category="open", source="user"),
+                 InstructionRecord(id="t2", instruction="Name a prime number larger than one hundred.",
+                                   category="qa", source="user")]
+    write_jsonl(tmp_path / "train.jsonl", user_train)
+    write_jsonl(tmp_path / "test.jsonl", user_test)
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=50", f"instructions.train_file={tmp_path}/train.jsonl",
+                      f"instructions.test_file={tmp_path}/test.jsonl")
+    with pytest.raises(LeakageError, match="t1"):
+        run_instructions(Run(tmp_path / "run", cfg))
+    (tmp_path / "test.jsonl").write_text('{"id": "t1", "instruction": "", "category": "qa", "source": "user"}\n')
+    with pytest.raises(ValueError, match="test.jsonl:1: instruction"):
+        run_instructions(Run(tmp_path / "run2", cfg))
+
+
+def test_sft_data_counts_add_up(tmp_path, tiny_model_folder):
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=120", "instructions.test_size=10",
+                      "sft_data.max_instructions=12", "sft_data.max_new_tokens=8")
+    run = Run(tmp_path, cfg)
+    run_instructions(run)
+    run_sft_data(run)
+    qc = json.loads(run.path("data/sft_qc.json").read_text())
+    assert qc["generated"] == 12
+    assert qc["generated"] == qc["kept"] + sum(qc["dropped"].values())
+    assert validate_kind("sft", run.path("data/sft.jsonl"))[1] == []
+    step = run.steps()["sft-data"]
+    assert step["counts"]["kept"] == qc["kept"] and step["counts"]["dropped"] == qc["dropped"]
+
+
+def test_baseline_step_records_forms_prompts_and_sentinels(tmp_path, tiny_model_folder):
+    cfg = tiny_config(tiny_model_folder, "baseline.n_probes=6", "baseline.max_new_tokens=6")
+    run = Run(tmp_path, cfg)
+    run_baseline(run)
+    b = json.loads(run.path("baseline.json").read_text())
+    assert set(b["forms"]) == {"raw", "wrapper", "few_shot"}
+    assert b["n_probes"] == 6 and len(b["prompts"]["wrapper"]) == 6
+    assert all(p.startswith("Instruction: ") and p.endswith("\nResponse:") for p in b["prompts"]["wrapper"])
+    assert all(p.count("\nEND") == cfg.baseline.few_shot for p in b["prompts"]["few_shot"])
+    assert b["sentinels"]["no_special_tokens_in_prompts"] is True
+    assert b["sentinels"]["prompts_round_trip_exactly"] is True
+    assert set(b["forms"]["wrapper"]) >= {"ends_with_end", "no_rambling", "ifeval_strict"}
+
+
+@pytest.fixture()
+def eval_run(tmp_path, tiny_model_folder):
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=100", "instructions.test_size=8",
+                      "evaluation.max_new_tokens=6", "evaluation.batch_size=8", "evaluation.bootstrap_resamples=200")
+    run = Run(tmp_path, cfg)
+    run_instructions(run)
+    make_adapter(tiny_model_folder, run.path("models/sft"), 1)
+    make_adapter(tiny_model_folder, run.path("models/dpo"), 2)
+    make_adapter(tiny_model_folder, run.path("models/dpo_only"), 3)
+    return run
+
+
+def test_evaluate_writes_responses_fingerprints_and_report_rebuilds(eval_run, monkeypatch):
+    run = eval_run
+    assert run_evaluate(run)
+    record = json.loads(run.path("eval/evaluation.json").read_text())
+    assert record["order"] == ["base", "sft", "dpo", "dpo_only"]
+    fps = {n: m["fingerprint"] for n, m in record["models"].items()}
+    assert len(set(fps.values())) == 4  # every model ran its own weights
+    assert record["isolation"]["base_fingerprint_before"] == record["isolation"]["base_fingerprint_after"] == fps["base"]
+    assert all(m["memory"]["rss_peak_mb"] > 0 for m in record["models"].values())
+    for name in record["order"]:
+        assert validate_kind("responses", run.path(f"eval/responses/{name}.jsonl"))[1] == []
+
+    # the report is rebuilt from saved responses alone: loading a model would fail here
+    def no_models(*a, **k):
+        raise AssertionError("report must not load a model")
+
+    monkeypatch.setattr(evaluate_step, "load_model", no_models)
+    first = build_report(run)["results"]
+    second = build_report(run)["results"]
+    assert first == second
+    assert run.path("report/report.html").is_file() and run.path("report/report.md").is_file()
+    md = run.path("report/report.md").read_text()
+    for name in ("base", "sft", "dpo", "dpo_only"):
+        assert name in md
+
+
+def test_isolation_check_catches_a_contaminated_model_object(eval_run):
+    """A loader that reuses one model object and merges adapters into it in place must be caught."""
+    from peft import PeftModel
+
+    run = eval_run
+    shared = {}
+
+    def reusing_loader(m, config):
+        loaded = shared.get("obj") or load_model(m.spec)
+        shared["obj"] = loaded
+        for a in m.adapters:  # attaches to the object used before: the bug isolation guards against
+            loaded.model = PeftModel.from_pretrained(loaded.model, str(a)).merge_and_unload()
+        return type(loaded)(loaded.model, loaded.tokenizer, loaded.resolved, dict(loaded.provenance))
+
+    items = load_jsonl(run.path(TEST), InstructionRecord)[:2]
+    models = [ModelUnderTest("base", run.config.model.base, ()),
+              ModelUnderTest("sft", run.config.model.base, (run.path("models/sft"),))]
+    with pytest.raises(IsolationError, match="base weights changed"):
+        evaluate_models(models, items, run.config, loader=reusing_loader)
+    # the real loader passes on the same models
+    responses, record = evaluate_models(models, items, run.config)
+    assert record["isolation"]["verified"] and set(responses) == {"base", "sft"}
