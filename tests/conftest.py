@@ -13,6 +13,15 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 EMBEDDED = "smollm2-135m"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny-model work is dominated by threading overhead; one thread is faster and steadier.
+    End-to-end tests with the real model raise it again (see test_e2e.py)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     """The embedded model converted once to the cache (a no-op after the first run)."""

@@ -139,6 +139,7 @@ class DPOConfig(Section):
     """One block for both DPO runs (from SFT and from base): only the init differs."""
 
     lora: LoraConfig = LoraConfig()
+    """TRL disables dropout during DPO (disable_dropout=True), LoRA dropout included: lora.dropout has no effect here."""
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)

@@ -171,7 +171,7 @@ def load_model(
     tok = load_tokenizer(resolved.path)
     adapter_paths = [str(Path(a)) for a in adapters or []]
     for a in adapter_paths:
-        model = _apply_adapter(model, a, merge=used == "none" or not trainable)
+        model = apply_adapter(model, a, merge=used == "none" or not trainable)
     if not trainable:
         model.eval()
     prov = {
@@ -190,7 +190,7 @@ def load_model(
     return LoadedModel(model, tok, resolved, prov)
 
 
-def _apply_adapter(model, adapter_dir: str, merge: bool):
+def apply_adapter(model, adapter_dir: str, merge: bool):
     from peft import PeftModel
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():

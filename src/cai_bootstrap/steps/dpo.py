@@ -23,7 +23,7 @@ def run_dpo(run: Run, init: str, force: bool = False) -> bool:
     config = run.config
     name, out = STEP_NAMES[init], OUT_DIRS[init]
     other = run.steps().get(STEP_NAMES["base" if init == "sft" else "sft"], {})
-    reference_args = other.get("provenance", {}).get("trainer_args") if other.get("status") == "done" else None
+    reference = other.get("provenance", {}) if other.get("status") == "done" else {}
     params = config.section_hash("dpo") + f":init={init}"
     inputs = [PAIRS, SFT_DIR] if init == "sft" else [PAIRS]
     if not force and run.is_current(name, params, inputs):
@@ -35,10 +35,11 @@ def run_dpo(run: Run, init: str, force: bool = False) -> bool:
         result = train_dpo(init, m.base, pairs, config.dpo, out_dir=run.path(out), seed=config.seed,
                            sft_adapter=run.path(SFT_DIR) if init == "sft" else None, quantization=m.quantization,
                            dtype=m.dtype, add_bos=m.add_bos_token, cache_dir=run.path(REF_CACHE),
-                           reference_args=reference_args)
+                           reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"))
         step.kept = len(pairs)
         step.provenance["trainer_args"] = result.trainer_args
-        step.provenance["parity_checked_against"] = STEP_NAMES["base" if init == "sft" else "sft"] if reference_args else None
+        step.provenance["lora_args"] = result.lora_args
+        step.provenance["parity_checked_against"] = STEP_NAMES["base" if init == "sft" else "sft"] if reference else None
         step.metrics.update({k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))})
         step.metrics["loss_history"] = [h.get("loss") for h in result.metrics.get("history", []) if "loss" in h]
     console.print(f"{name}: done ({', '.join(f'{k}={v}' for k, v in step.metrics.items() if 'reward' in k)})")
