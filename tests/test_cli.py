@@ -62,3 +62,33 @@ def test_models_list_and_prepare(smollm2_folder):
     assert r.exit_code == 0 and "smollm2-135m" in r.output and "yes" in r.output
     r = runner.invoke(app, ["models", "prepare", "smollm2-135m"])
     assert r.exit_code == 0 and str(smollm2_folder) in r.output and "already prepared" in r.output
+
+
+def test_status_shows_steps_with_counts(tmp_path):
+    from cai_bootstrap.config import load_config
+    from cai_bootstrap.run import Run
+
+    run = Run(tmp_path, load_config(None))
+    run.path("in.txt").write_text("x")
+    with run.step("make", "p", ["in.txt"], ["in.txt"]) as rec:
+        rec.kept = 7
+        rec.drop("too_short", 2)
+    r = runner.invoke(app, ["status", str(tmp_path)])
+    assert r.exit_code == 0
+    assert "make" in r.output and "done" in r.output and "7" in r.output and "too_short=2" in r.output
+    assert runner.invoke(app, ["status", str(tmp_path / "nope")]).exit_code == 1
+
+
+def test_inspect_masks_json_shows_only_the_response_supervised(tmp_path, smollm2_folder):
+    data = tmp_path / "d.jsonl"
+    rows = [{"id": "s1", "instruction": "Name a color.", "response": "Blue."},
+            {"id": "r1", "text": "Instruction: Say hi.\nResponse: Hi there!\nEND"},
+            {"id": "bad", "text": "no separator here\nEND"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = runner.invoke(app, ["inspect-masks", str(data), "--model", str(smollm2_folder), "--json"])
+    assert r.exit_code == 0, r.output
+    out = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert [o["id"] for o in out] == ["s1", "r1", "bad"]
+    assert out[0]["supervised_text"].startswith(" Blue.\nEND") and out[0]["dropped"] is None
+    assert out[1]["supervised_text"].startswith(" Hi there!\nEND") and out[1]["n_prompt_tokens"] > 0
+    assert out[2]["dropped"] is not None and out[2]["n_supervised_tokens"] == 0

@@ -162,3 +162,51 @@ def test_isolation_check_catches_a_contaminated_model_object(eval_run):
     # the real loader passes on the same models
     responses, record = evaluate_models(models, items, run.config)
     assert record["isolation"]["verified"] and set(responses) == {"base", "sft"}
+
+
+def test_sft_data_best_of_n_with_critic_counts_every_candidate(tmp_path, tiny_model_folder, monkeypatch):
+    """With best-of-3 and the critic, every candidate is kept once or dropped for a reason, and the
+    kept one is the critic's favourite among the survivors."""
+    from cai_bootstrap.steps import sft_data as step
+
+    monkeypatch.setattr(step, "qc_reason", lambda *a: None)  # the random tiny model never passes QC
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=120", "instructions.test_size=10",
+                      "sft_data.max_instructions=5", "sft_data.max_new_tokens=6", "sft_data.best_of_n=3",
+                      "sft_data.critic.enabled=true", "sft_data.critic.min_margin=-1000")
+    run = Run(tmp_path, cfg)
+    run_instructions(run)
+    run_sft_data(run)
+    qc = json.loads(run.path("data/sft_qc.json").read_text())
+    assert qc["generated"] == 15 and qc["kept"] == 5
+    assert qc["dropped"] == {"not_best_of_n": 10}
+    assert qc["critic"]["calibration_margin"] is not None
+    records = load_jsonl(run.path("data/sft.jsonl"), step.SFTRecord)
+    assert all(r.candidates == 3 and r.critic_margin is not None for r in records)
+
+
+def test_judge_scores_are_saved_and_reported_apart(eval_run):
+    run = eval_run
+    run.config = run.config.model_copy(update={"evaluation": run.config.evaluation.model_copy(
+        update={"judge": "self", "models": ["base", "sft"]})})
+    run_evaluate(run)
+    judged = [json.loads(line) for line in run.path("eval/judge.jsonl").read_text().splitlines()]
+    assert len(judged) == 2 * 8 and {j["model"] for j in judged} == {"base", "sft"}
+    results = build_report(run)["results"]
+    assert results["judge"] is not None
+    assert "margin" in json.dumps(results["judge"])
+    assert "judge" not in results["rates"]["base"]
+
+
+def test_score_command_scores_saved_responses(eval_run):
+    from typer.testing import CliRunner
+
+    from cai_bootstrap.cli import app
+
+    run = eval_run
+    run_evaluate(run)
+    r = CliRunner().invoke(app, ["score", str(run.path("eval/responses/sft.jsonl")), "--tests", str(run.path(TEST)),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert len(rows) == 8 and all(row["model"] == "sft" for row in rows)
+    assert set(rows[0]["criteria"]) >= {"ends_with_end", "no_rambling", "coherent"}

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import PipelineConfig
 from ..console import console, generation_progress
 from ..evaluation.memory import peak_memory
+from ..evaluation.judge import JUDGE_VERSION, judge_responses, judge_spec
 from ..files import atomic_write_json, sha256_path, write_jsonl
 from ..formats import prompt_for
 from ..generation.engine import Decoding, Engine
@@ -22,6 +23,7 @@ from ..schemas import EvalResponse, InstructionRecord, load_jsonl
 from .common import DPO_DIR, DPO_ONLY_DIR, RESPONSES_DIR, SFT_DIR, TEST
 
 EVALUATION = "eval/evaluation.json"
+JUDGE = "eval/judge.jsonl"
 PROMPT_FORMAT = "Instruction: {instruction}\\nResponse:"
 CHAINS = {"base": [], "sft": [SFT_DIR], "dpo": [SFT_DIR, DPO_DIR], "dpo_only": [DPO_ONLY_DIR]}
 
@@ -143,6 +145,8 @@ def run_evaluate(run: Run, force: bool = False, only: list[str] | None = None) -
                               if a.is_relative_to(run.dir)})
     params = config.section_hash("evaluation") + ":" + ",".join(m.name for m in models)
     outputs = [f"{RESPONSES_DIR}/{m.name}.jsonl" for m in models] + [EVALUATION]
+    if judge_spec(config):
+        outputs.append(JUDGE)
     if not force and run.is_current("evaluate", params, inputs):
         console.print("evaluate: up to date, skipped")
         return False
@@ -151,6 +155,11 @@ def run_evaluate(run: Run, force: bool = False, only: list[str] | None = None) -
         responses, record = evaluate_models(models, items, config)
         for name, rs in responses.items():
             write_jsonl(run.path(f"{RESPONSES_DIR}/{name}.jsonl"), rs)
+        if judge_spec(config):
+            write_jsonl(run.path(JUDGE), judge_responses(config, items, responses))
+            record["judge"] = {"spec": judge_spec(config), "prompt_version": JUDGE_VERSION}
+        elif run.path(JUDGE).exists():
+            run.path(JUDGE).unlink()  # a stale judge file must not be merged into a new report
         atomic_write_json(run.path(EVALUATION), record)
         step.kept = len(items)
         step.metrics.update({"models": record["order"], "peak_rss_mb": record["peak_rss_mb"],

@@ -12,7 +12,8 @@ from ..files import atomic_write_json, write_jsonl
 from ..run import Run
 from ..schemas import EvalResponse, InstructionRecord, load_jsonl
 from .common import BASELINE, REPORT_DIR, RESPONSES_DIR, RESULTS, SCORES, TEST
-from .evaluate import EVALUATION
+from ..evaluation.judge import JudgeScore
+from .evaluate import EVALUATION, JUDGE
 
 N_SAMPLES = 8
 
@@ -26,6 +27,14 @@ def load_responses(run: Run, names: list[str]) -> dict[str, list[EvalResponse]]:
         if wrong:
             raise ValueError(f"{path}: holds responses of {sorted(wrong)}, expected only {name!r}")
     return out
+
+
+def with_judge(scores: list, run: Run) -> list:
+    """Attach saved judge scores (eval/judge.jsonl) to the deterministic scores; they stay apart in analysis."""
+    if not run.path(JUDGE).exists():
+        return scores
+    judged = {(j.model, j.id): j.judge for j in load_jsonl(run.path(JUDGE), JudgeScore, ("model", "id"))}
+    return [s.model_copy(update={"judge": judged.get((s.model, s.id), {})}) for s in scores]
 
 
 def step_summaries(run: Run) -> dict:
@@ -53,7 +62,7 @@ def build_report(run: Run) -> dict:
     names = evaluation.get("order") or [p.stem for p in sorted(run.path(RESPONSES_DIR).glob("*.jsonl"))]
     items = load_jsonl(run.path(TEST), InstructionRecord)
     responses = load_responses(run, names)
-    scores = score_all(items, responses)
+    scores = with_judge(score_all(items, responses), run)
     cfg = run.config.evaluation
     results = analyze(items, scores, models=names, q=cfg.fdr_q, n_resamples=cfg.bootstrap_resamples, seed=run.config.seed)
     write_jsonl(run.path(SCORES), scores)
@@ -66,7 +75,7 @@ def build_report(run: Run) -> dict:
 
 def run_report(run: Run) -> Path:
     out = build_report(run)
-    console.print(headline_table(out["results"]), markup=False, highlight=False)
+    print(headline_table(out["results"]))  # plain stdout: a markdown table must not be wrapped
     md = Path(out["paths"]["markdown"])
     console.print(f"report: {md} (and {out['paths']['html']})")
     return md

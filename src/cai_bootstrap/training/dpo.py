@@ -442,6 +442,11 @@ def _trainer_class():
             self.ref_forward_batches = 0
             kwargs.setdefault("callbacks", []).append(LogLastStep())
             super().__init__(*args, **kwargs)
+            # With tqdm off (not a terminal) transformers prints every log dict; the history is
+            # kept in training.json and the step prints its own summary.
+            from transformers.trainer_callback import PrinterCallback
+
+            self.remove_callback(PrinterCallback)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             n_in = len(dataset)
