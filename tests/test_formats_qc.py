@@ -81,5 +81,8 @@ def test_qc_reasons():
                  constraints=[{"type": "all_lowercase"}])
     assert qc_reason(lower, "A Cat Is Soft And Purrs.", "\nEND", "stop") == "constraint_failed"
     assert qc_reason(lower, "a cat is soft and purrs.", "\nEND", "stop") is None
+    capital = item(instruction="What is the capital of Sweden?", category="qa", reference_answers=["Stockholm"])
+    assert qc_reason(capital, "Sweden is a country in Europe.", "\nEND", "stop") == "incorrect_answer"
+    assert qc_reason(capital, "The capital of Sweden is Stockholm.", "\nEND", "stop") is None
     assert qc_reason(it, "ocean ocean ocean ocean ocean ocean ocean ocean ocean ocean ocean ocean", "\nEND",
                      "stop") == "incoherent"

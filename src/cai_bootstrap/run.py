@@ -136,7 +136,7 @@ class Run:
         for rel in inputs:
             p = self.path(rel)
             if not p.exists():
-                raise StepFailed(f"missing input {p}: run the step that writes it first")
+                raise StepFailed(f"missing input {p}: run the step that writes it first (or fix the path)")
             hashes[rel] = sha256_path(p)
         return hashes
 

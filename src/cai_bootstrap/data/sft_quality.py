@@ -9,7 +9,7 @@ from ..schemas import InstructionRecord
 # Checked in this order; the first failing rule is the reason recorded.
 QC_REASONS: tuple[str, ...] = (
     "empty", "truncated", "runaway", "template_residue", "copies_instruction", "refusal",
-    "constraint_failed", "incoherent",
+    "constraint_failed", "incorrect_answer", "incoherent",
 )
 
 
@@ -30,6 +30,8 @@ def qc_reason(item: InstructionRecord, text: str, stop_string: str | None, finis
     strict, _ = check_all(item.constraints, text)
     if strict is False:
         return "constraint_failed"
+    if item.reference_answers and not quality.matches_reference(text, item.reference_answers):
+        return "incorrect_answer"  # a checkable fact the base model got wrong: never train on it
     if not quality.is_coherent(text):
         return "incoherent"
     return None

@@ -60,13 +60,13 @@ def _load_user(path: str | None) -> list[InstructionRecord]:
 def run_instructions(run: Run, force: bool = False) -> bool:
     config = run.config
     cfg = config.instructions
-    user_inputs = [p for p in (cfg.train_file, cfg.test_file) if p]
-    params = config.section_hash("instructions") + ":" + ":".join(
-        f"{p}={Path(p).stat().st_mtime_ns if Path(p).exists() else 'missing'}" for p in user_inputs)
-    if not force and run.is_current("instructions", params, []):
+    # The user's files are inputs like any other: their hashes decide whether the step re-runs.
+    user_inputs = [str(Path(p).resolve()) for p in (cfg.train_file, cfg.test_file) if p]
+    params = config.section_hash("instructions")
+    if not force and run.is_current("instructions", params, user_inputs):
         console.print("instructions: up to date, skipped")
         return False
-    with run.step("instructions", params, [], [INSTRUCTIONS, TEST, INSTRUCTIONS_REPORT]) as step:
+    with run.step("instructions", params, user_inputs, [INSTRUCTIONS, TEST, INSTRUCTIONS_REPORT]) as step:
         user_train, user_test = _load_user(cfg.train_file), _load_user(cfg.test_file)
         builtin = stratified_sample(builtin_pool(), cfg.builtin, config.seed, "builtin")
         generated, si_dropped = self_instruct(config, builtin) if cfg.self_instruct_rounds else ([], Counter())
