@@ -210,3 +210,28 @@ def test_score_command_scores_saved_responses(eval_run):
     rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
     assert len(rows) == 8 and all(row["model"] == "sft" for row in rows)
     assert set(rows[0]["criteria"]) >= {"ends_with_end", "no_rambling", "coherent"}
+
+
+@pytest.mark.distributed
+def test_sft_step_under_accelerate_launch_trains_on_two_processes(tmp_path, tiny_model_folder):
+    from pathlib import Path
+
+    from cai_bootstrap.schemas import GeneratorProvenance, SFTRecord
+    from cai_bootstrap.steps.sft import run_sft
+
+    cfg = tiny_config(tiny_model_folder, "sft.batch_size=2", "sft.epochs=1", "sft.eval_share=0", "sft.lora.r=4")
+    run = Run(tmp_path, cfg)
+    gen = GeneratorProvenance(model="tiny", quantization="none", quantization_requested="none",
+                              full_precision_fallback=False, dtype="float32", add_bos_token=False, decoding={}, seed=0)
+    records = [SFTRecord(id=f"s{i}", instruction=f"Name animal number {i}.", category="qa",
+                         prompt=f"Instruction: Name animal number {i}.\nResponse:", response=f"Animal {i} is a cat.",
+                         generator=gen, finish_reason="stop", stop_string="\nEND") for i in range(8)]
+    write_jsonl(run.path("data/sft.jsonl"), records)
+    config_file = Path(__file__).resolve().parent.parent / "configs/accelerate/cpu_2proc.yaml"
+    assert run_sft(run, accelerate_config=config_file)
+    step = run.steps()["sft"]
+    assert step["status"] == "done" and step["counts"]["kept"] == 8
+    assert step["metrics"]["num_processes"] == 2
+    assert step["metrics"]["total_steps"] == 2  # 8 examples / (2 per process x 2 processes)
+    assert run.path("models/sft/adapter_config.json").is_file()
+    assert step["provenance"]["launcher"]["accelerate_config"] == str(config_file)

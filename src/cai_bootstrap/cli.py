@@ -177,6 +177,19 @@ RunDirOpt = Annotated[Path, typer.Option("--run-dir", help="The run directory (c
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b=value (repeatable).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even if inputs and config are unchanged.")]
 
+LauncherOpt = Annotated[str, typer.Option(help="none: train in this process; accelerate: `accelerate launch` the SFT training.")]
+AccelerateConfigOpt = Annotated[Optional[Path], typer.Option(help="accelerate config for --launcher accelerate, e.g. configs/accelerate/ddp.yaml.")]
+
+
+def _accelerate_config(launcher: str, accelerate_config: Path | None) -> Path | None:
+    if launcher not in ("none", "accelerate"):
+        fail("--launcher must be none or accelerate")
+    if launcher == "accelerate" and accelerate_config is None:
+        fail("--launcher accelerate needs --accelerate-config FILE (see configs/accelerate/)")
+    return accelerate_config if launcher == "accelerate" else None
+
+
+
 
 def open_run(config: Path, run_dir: Path, overrides: list[str] | None):
     from .config import ConfigError, load_config
@@ -228,11 +241,14 @@ def sft_data(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: 
 
 @app.command()
 def sft(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
-        resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False) -> None:
+        resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
+        launcher: Annotated[str, typer.Option(help="none | accelerate (several processes/GPUs).")] = "none",
+        accelerate_config: AccelerateConfigOpt = None) -> None:
     """LoRA SFT with response-only loss; saves the adapter to models/sft/."""
     from .steps.sft import run_sft
 
-    _step(run_sft, config, run_dir, set_, force=force, resume=resume)
+    _step(run_sft, config, run_dir, set_, force=force, resume=resume,
+          accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()
@@ -277,11 +293,38 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with sa
 
 @app.command()
 def run(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
-        until: Annotated[Optional[str], typer.Option(help="Stop after this step.")] = None) -> None:
+        until: Annotated[Optional[str], typer.Option(help="Stop after this step.")] = None,
+        launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """Run every step in order, skipping completed ones, then write the report."""
     from .steps.pipeline import run_pipeline
 
-    _step(run_pipeline, config, run_dir, set_, force=force, until=until)
+    _step(run_pipeline, config, run_dir, set_, force=force, until=until,
+          accelerate_config=_accelerate_config(launcher, accelerate_config))
+
+
+@app.command()
+def plan(
+    config: ConfigArg,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs the run will use.")] = 1,
+    strategy: Annotated[str, typer.Option(help="single | ddp | fsdp | zero3 (how training state is spread).")] = "single",
+    gpu_memory_gib: Annotated[Optional[float], typer.Option(help="Memory per GPU, to say whether each step fits.")] = 80.0,
+    activation_checkpointing: Annotated[bool, typer.Option(help="Estimate with activation checkpointing on.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Estimate memory per GPU for every step (weights, LoRA, optimizer, activations, KV cache) before a run."""
+    from .config import ConfigError, load_config
+    from .models.embedded import ModelNotAvailable
+    from .planning import format_plan, plan as make_plan
+
+    if strategy not in ("single", "ddp", "fsdp", "zero3"):
+        fail("--strategy must be single, ddp, fsdp or zero3")
+    try:
+        p = make_plan(load_config(config, set_), gpus, strategy, activation_checkpointing=activation_checkpointing,
+                      gpu_memory_gib=gpu_memory_gib)
+    except (ConfigError, ModelNotAvailable, ValueError) as e:
+        fail(str(e))
+    print(json.dumps(p, indent=2) if json_out else format_plan(p))
 
 
 @app.command()

@@ -116,6 +116,18 @@ class Run:
         else:
             self.config = PipelineConfig.model_validate(self.manifest.get("config", {}))
 
+    @classmethod
+    def open_existing(cls, run_dir: str | Path) -> Run:
+        """Read-only view for worker processes: config from the manifest, nothing written."""
+        run = cls.__new__(cls)
+        run.dir = Path(run_dir)
+        run.manifest_path = run.dir / "manifest.json"
+        if not run.manifest_path.is_file():
+            raise StepFailed(f"{run.manifest_path} not found: not a run directory")
+        run.manifest = run._load_manifest()
+        run.config = PipelineConfig.model_validate(run.manifest.get("config", {}))
+        return run
+
     def _load_manifest(self) -> dict[str, Any]:
         if self.manifest_path.exists():
             try:

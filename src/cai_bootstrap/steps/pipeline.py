@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..console import console
 from ..run import Run
@@ -28,7 +29,9 @@ STEPS: tuple[tuple[str, Callable[[Run, bool], object]], ...] = (
 )
 
 
-def run_pipeline(run: Run, force: bool = False, until: str | None = None) -> None:
+def run_pipeline(run: Run, force: bool = False, until: str | None = None,
+                 accelerate_config: Path | None = None) -> None:
+    """accelerate_config: launch the SFT training step under `accelerate launch` with this config."""
     names = [n for n, _ in STEPS]
     if until is not None and until not in names:
         raise ValueError(f"--until must be one of {names}")
@@ -36,7 +39,7 @@ def run_pipeline(run: Run, force: bool = False, until: str | None = None) -> Non
     for k, (name, fn) in enumerate(STEPS, start=1):
         console.rule(f"[bold]step {k}/{len(STEPS) + 1}: {name}")
         t = time.perf_counter()
-        ran = fn(run, force)
+        ran = run_sft(run, force, accelerate_config=accelerate_config) if name == "sft" else fn(run, force)
         console.print(f"{name}: {'done' if ran else 'skipped'} in {time.perf_counter() - t:.1f}s "
                       f"(pipeline {time.perf_counter() - t0:.0f}s)")
         if name == until:

@@ -1,0 +1,216 @@
+"""Scale-out on CPU: prompt sharding, and 2 real processes (gloo) against 1.
+
+(a) shard_indices is a partition (property tests); generate_sharded deals whole length buckets.
+(b) greedy generation under ``accelerate launch --config_file configs/accelerate/cpu_2proc.yaml``
+    writes a file byte-identical to a 1-process run.
+(c) train_sft under ``torchrun --standalone --nproc_per_node 2`` with per-process batch 2 gives the
+    1-process batch-4 loss history and adapter weights (same global batch, same token-mean loss).
+
+The multi-process tests start subprocesses with OMP_NUM_THREADS=1 and the tiny random model; each
+takes well under a minute on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cai_bootstrap.config import SFTConfig
+from cai_bootstrap.formats import prompt_for
+from cai_bootstrap.generation.distributed import generate_sharded, shard_indices, write_generations
+from cai_bootstrap.generation.engine import Decoding, Engine, length_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_2PROC = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
+LAUNCH_TIMEOUT_S = 300  # generous: the machine may be shared; each run takes ~20-40 s
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def run_launcher(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) sharding
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 500), k=st.integers(1, 16))
+def test_shard_indices_is_a_balanced_partition(n, k):
+    shards = [shard_indices(n, k, r) for r in range(k)]
+    flat = [i for s in shards for i in s]
+    assert sorted(flat) == list(range(n))  # covers everything, disjoint
+    assert len(flat) == len(set(flat))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1  # balanced
+    assert all(s == sorted(s) for s in shards)
+    assert shards == [shard_indices(n, k, r) for r in range(k)]  # deterministic
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 200), min_size=1, max_size=120), k=st.integers(2, 8),
+       batch=st.integers(1, 16))
+def test_each_process_gets_whole_buckets_of_every_length(lengths, k, batch):
+    """generate_sharded's split: whole length buckets dealt round-robin. A process re-bucketing its
+    own share (as Engine.generate does) gets back exactly the buckets one process would have run,
+    and the longest prompts are spread over processes instead of all going to one."""
+    batches = length_batches(lengths, batch)
+    for r in range(k):
+        mine = sorted(i for j in shard_indices(len(batches), k, r) for i in batches[j])
+        rebucketed = [[mine[i] for i in b] for b in length_batches([lengths[i] for i in mine], batch)]
+        assert rebucketed == [batches[j] for j in shard_indices(len(batches), k, r)]
+        if r < len(batches):  # the k longest buckets go to k different processes
+            assert set(batches[r]) <= set(mine)
+
+
+def test_shard_indices_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        shard_indices(5, 0, 0)
+    with pytest.raises(ValueError):
+        shard_indices(5, 2, 2)
+    with pytest.raises(ValueError):
+        shard_indices(-1, 2, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) generation: 2 processes == 1 process, byte for byte
+
+
+@pytest.fixture(scope="module")
+def varied_model_folder(tmp_path_factory, smollm2_folder) -> Path:
+    """The tiny Llama of conftest with a larger init scale (0.1): its greedy outputs differ from
+    prompt to prompt (at the default 0.02 every prompt gets the same repeated token, which would
+    make a byte comparison meaningless)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_folder)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, initializer_range=0.1,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama-varied")
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+INSTRUCTIONS = [
+    "Name a colour.", "What is 2+2?", "Write a haiku about the sea and the wind over the hills.", "Say hi.",
+    "List three fruits, please, in alphabetical order.", "Why is the sky blue?", "Translate 'cat' to French.",
+    "Give one word.", "Describe a long, winding road through a forest at dusk in two sentences.", "Count to five.",
+    "Explain rain.",
+]
+
+
+def test_generate_sharded_without_launcher_is_engine_generate(varied_model_folder):
+    from cai_bootstrap.models.loading import load_model
+
+    loaded = load_model(str(varied_model_folder), device="cpu")
+    prompts = [prompt_for(i) for i in INSTRUCTIONS[:5]]
+    decoding = Decoding(max_new_tokens=6)
+    a = generate_sharded(Engine(loaded.model, loaded.tokenizer, batch_size=2), prompts, decoding)
+    b = Engine(loaded.model, loaded.tokenizer, batch_size=2).generate(prompts, decoding)
+    assert a == b
+
+
+@pytest.mark.distributed
+def test_two_process_greedy_generation_is_byte_identical(varied_model_folder, tmp_path):
+    from cai_bootstrap.models.loading import load_model
+
+    prompts = [prompt_for(i) for i in INSTRUCTIONS]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    batch_size, new_tokens = 3, 12  # 11 prompts -> 4 buckets (3, 3, 3, 2): 2 per process, uneven sizes
+
+    loaded = load_model(str(varied_model_folder), device="cpu")
+    one = Engine(loaded.model, loaded.tokenizer, batch_size=batch_size).generate(
+        prompts, Decoding(max_new_tokens=new_tokens))
+    write_generations(tmp_path / "one.jsonl", prompts, one)
+
+    proc = run_launcher([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+                         "-m", "cai_bootstrap.generation.distributed", "--model", str(varied_model_folder),
+                         "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "two.jsonl"),
+                         "--max-new-tokens", str(new_tokens), "--batch-size", str(batch_size)], tmp_path)
+    summary = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert summary["processes"] == 2  # really two processes in one group, not two lone copies
+    assert summary["prompts"] == len(prompts) and summary["batches"] == 4
+
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    texts = [json.loads(line)["raw_text"] for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert len(set(texts)) >= len(texts) - 2  # the outputs really differ per prompt
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) SFT: 2 processes x batch 2 == 1 process x batch 4
+
+WORDS = "the cat sat on a warm mat while rain fell softly over quiet green hills and old stone walls".split()
+
+
+def sft_examples(n: int = 16) -> list[dict]:
+    out = []
+    for i in range(n):
+        length = 20 if i % 4 == 0 else 1 + i % 3  # very different lengths: the token-mean matters
+        response = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(length))
+        out.append({"id": f"ex{i}", "prompt": prompt_for(f"Write item {i} about {WORDS[i % len(WORDS)]}."),
+                    "response": response})
+    return out
+
+
+def sft_cfg(batch_size: int) -> dict:
+    return dict(lora=dict(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), learning_rate=1e-2, epochs=1,
+                batch_size=batch_size, gradient_accumulation_steps=1, warmup_ratio=0.0, max_length=128,
+                eval_share=0.0, max_drop_share=0.0, save_steps=1000, logging_steps=1)
+
+
+@pytest.mark.distributed
+def test_two_process_sft_matches_one_process(tiny_model_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from cai_bootstrap.training.sft import train_sft
+
+    examples = sft_examples()
+    one = train_sft(str(tiny_model_folder), examples, SFTConfig.model_validate(sft_cfg(4)),
+                    out_dir=tmp_path / "one", seed=0, progress=False).metrics
+
+    spec = {"model": str(tiny_model_folder), "examples": examples, "cfg": sft_cfg(2), "seed": 0,
+            "out_dir": str(tmp_path / "two")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  str(ROOT / "tests" / "_dist_sft_driver.py"), str(tmp_path / "spec.json")], tmp_path)
+    two = json.loads((tmp_path / "two" / "training.json").read_text())
+
+    assert two["hyperparameters"]["num_processes"] == 2 and one["hyperparameters"]["num_processes"] == 1
+    assert two["hyperparameters"]["global_batch_size"] == one["hyperparameters"]["global_batch_size"] == 4
+    assert [h["step"] for h in two["history"]] == [h["step"] for h in one["history"]] == [1, 2, 3, 4]
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["loss"], b["loss"])
+        assert a["lr"] == b["lr"]
+    assert one["tokens"] == two["tokens"]  # every supervised token seen once, whatever the split
+    assert one["history"][-1]["loss"] < one["history"][0]["loss"]
+
+    w1 = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (k, (w1[k] - w2[k]).abs().max().item())
+    assert any(w1[k].abs().max() > 1e-3 for k in w1 if "lora_B" in k)  # the adapter did train
