@@ -507,16 +507,9 @@ def machine_line(args) -> str:
 
 def tiny_model(folder: Path) -> str:
     """The tests' 2-layer, hidden-64 random Llama with the real SmolLM2 tokenizer (for smoke runs)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from cai_bootstrap.models.tiny import save_tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m").path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return str(save_tiny_llama(folder, resolve("smollm2-135m").path))
 
 
 def _quiet_libraries() -> None:

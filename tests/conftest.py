@@ -41,25 +41,6 @@ def tokenizer(smollm2_folder):
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory, smollm2_folder) -> Path:
     """A 2-layer, hidden-64 random Llama with the real SmolLM2 tokenizer, saved like a real model."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from cai_bootstrap.models.tiny import save_tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(smollm2_folder)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_folder)

@@ -100,19 +100,9 @@ def varied_model_folder(tmp_path_factory, smollm2_folder) -> Path:
     """The tiny Llama of conftest with a larger init scale (0.1): its greedy outputs differ from
     prompt to prompt (at the default 0.02 every prompt gets the same repeated token, which would
     make a byte comparison meaningless)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from cai_bootstrap.models.tiny import save_tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(smollm2_folder)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.1,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama-varied")
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-varied"), smollm2_folder, initializer_range=0.1)
 
 
 INSTRUCTIONS = [
