@@ -53,6 +53,11 @@ def test_run_whole_pipeline_on_the_embedded_model(tmp_path):
         n, problems = validate_kind(kind, run_dir / rel)
         assert problems == [] and n > 0, (kind, problems)
 
+    # newlines in pairs are real newlines: no literal backslash-n survives JSON decoding
+    pairs = [json.loads(line) for line in (run_dir / "data/pairs.jsonl").read_text().splitlines()]
+    assert all("\\n" not in p[k] for p in pairs for k in ("prompt", "chosen", "rejected"))
+    assert all(p["chosen"].endswith("\nEND") for p in pairs)
+
     qc = json.loads((run_dir / "data/sft_qc.json").read_text())
     assert qc["generated"] == qc["kept"] + sum(qc["dropped"].values())
     # the parity check ran: the second DPO run compared its arguments with the first's
