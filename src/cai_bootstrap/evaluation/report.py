@@ -196,6 +196,17 @@ def _legend_on_top(ax, handles, ncol: int) -> None:
               frameon=False, fontsize=9, borderaxespad=0.2, handlelength=1.6, columnspacing=1.4)
 
 
+
+def _criterion_axis(ax, criteria: list[str]) -> None:
+    """Criteria top to bottom on the y axis, the composite one in bold."""
+    ax.set_yticks(range(len(criteria)))
+    ax.set_yticklabels(criteria)
+    for label in ax.get_yticklabels():
+        if label.get_text() == ALL:
+            label.set_fontweight("bold")
+    ax.set_ylim(len(criteria) - 0.5, -0.5)
+
+
 def plot_pass_rates(results: Mapping[str, Any]) -> bytes:
     """Horizontal grouped bars: pass rate per criterion and model, Wilson 95% error bars."""
     models, criteria, rates = results["models"], results["criteria"], results["rates"]
@@ -217,12 +228,7 @@ def plot_pass_rates(results: Mapping[str, Any]) -> bytes:
         ax.barh(ys, xs, height=height * 0.92, color=colours[m], label=m, zorder=2)
         ax.errorbar(xs, ys, xerr=[lo, hi], fmt="none", ecolor="#333333", elinewidth=0.9,
                     capsize=2, zorder=3)
-    ax.set_yticks(range(len(criteria)))
-    ax.set_yticklabels(criteria)
-    for label in ax.get_yticklabels():
-        if label.get_text() == ALL:
-            label.set_fontweight("bold")
-    ax.set_ylim(len(criteria) - 0.5, -0.5)
+    _criterion_axis(ax, criteria)
     ax.set_xlim(0, 1.0)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(axis="x", color="#dddddd", zorder=0)
@@ -291,12 +297,7 @@ def plot_deltas(results: Mapping[str, Any], reference: str) -> bytes | None:
                     color=colours[m], markerfacecolor=colours[m] if significant else "white",
                     markeredgewidth=1.5)
     ax.axvline(0, color="#444444", linewidth=0.9, zorder=1)
-    ax.set_yticks(range(len(criteria)))
-    ax.set_yticklabels(criteria)
-    for label in ax.get_yticklabels():
-        if label.get_text() == ALL:
-            label.set_fontweight("bold")
-    ax.set_ylim(len(criteria) - 0.5, -0.5)
+    _criterion_axis(ax, criteria)
     ax.set_xlim(-reach, reach)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(axis="x", color="#e3e3e3", zorder=0)
