@@ -196,7 +196,6 @@ def _legend_on_top(ax, handles, ncol: int) -> None:
               frameon=False, fontsize=9, borderaxespad=0.2, handlelength=1.6, columnspacing=1.4)
 
 
-
 def _criterion_axis(ax, criteria: list[str]) -> None:
     """Criteria top to bottom on the y axis, the composite one in bold."""
     ax.set_yticks(range(len(criteria)))
