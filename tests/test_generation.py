@@ -68,17 +68,17 @@ def test_padding_never_reaches_the_model_as_content(tiny):
 
 def test_finish_reasons(tokenizer):
     ids = tokenizer(" Paris.\nEND\nmore", add_special_tokens=False).input_ids
-    g = finish(tokenizer, ids, STOP_STRINGS, 64, 5)
+    g = finish(tokenizer, ids, STOP_STRINGS, 5)
     assert (g.text, g.stop_string, g.finish_reason) == ("Paris.", "\nEND", "stop")
     assert g.raw_text.startswith(" Paris.\nEND")
     ids = tokenizer(" Paris.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id, 5, 6]
-    g = finish(tokenizer, ids, STOP_STRINGS, 64, 5)
+    g = finish(tokenizer, ids, STOP_STRINGS, 5)
     assert (g.text, g.finish_reason, g.completion_tokens) == ("Paris.", "eos", len(ids) - 2)
     ids = tokenizer(" Paris is big", add_special_tokens=False).input_ids
-    g = finish(tokenizer, ids, STOP_STRINGS, len(ids), 5)
+    g = finish(tokenizer, ids, STOP_STRINGS, 5)
     assert (g.finish_reason, g.stop_string) == ("length", None)
     ids = tokenizer(" Paris.\nInstruction: next", add_special_tokens=False).input_ids
-    g = finish(tokenizer, ids, STOP_STRINGS, 64, 5)
+    g = finish(tokenizer, ids, STOP_STRINGS, 5)
     assert (g.text, g.stop_string) == ("Paris.", "\nInstruction:")
 
 

@@ -336,7 +336,7 @@ def score(
     """Score saved responses against the test set with no model loaded."""
     from .evaluation.criteria import CRITERIA
     from .evaluation.analysis import score_all
-    from .schemas import ArtifactError, EvalResponse, InstructionRecord, load_jsonl, load_kind
+    from .schemas import ArtifactError, InstructionRecord, load_jsonl, load_kind
 
     try:
         items = load_jsonl(tests, InstructionRecord)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..config import PipelineConfig
-from ..data.critic import CRITIC_PROMPT_VERSION, calibration_margin, critic_margins
+from ..data.critic import calibration_margin, critic_margins
 from ..formats import END_SUFFIX
 from ..models.loading import free, load_model
 from ..schemas import EvalResponse, InstructionRecord, Record, Text
@@ -47,5 +47,3 @@ def judge_responses(config: PipelineConfig, items: list[InstructionRecord],
     return [JudgeScore(id=r.id, model=r.model, judge={"margin": round(m - bias, 4), "judged_good": float(m - bias > 0)})
             for r, m in zip(flat, margins)]
 
-
-JUDGE_VERSION = CRITIC_PROMPT_VERSION

@@ -78,8 +78,7 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def finish(tokenizer, completion_ids: Sequence[int], stops: Sequence[str], max_new_tokens: int,
-           prompt_tokens: int) -> Generation:
+def finish(tokenizer, completion_ids: Sequence[int], stops: Sequence[str], prompt_tokens: int) -> Generation:
     """Turn generated ids (padding already removed) into a Generation with its finish reason."""
     ids = list(completion_ids)
     eos_ids = _eos_ids(tokenizer)
@@ -173,7 +172,7 @@ class Engine:
                 gen = out[row, width:].tolist()
                 while gen and gen[-1] == pad:  # finished rows are padded to the batch's length
                     gen.pop()
-                results[i] = finish(self.tokenizer, gen, stops, decoding.max_new_tokens, len(encoded[i]))
+                results[i] = finish(self.tokenizer, gen, stops, len(encoded[i]))
                 new_tokens += results[i].completion_tokens
             self.stats.prompts += len(batch)
             self.stats.completion_tokens += new_tokens

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from ..config import PipelineConfig
 from ..formats import Example
@@ -56,7 +55,3 @@ def generator_provenance(loaded: LoadedModel, config: PipelineConfig, decoding: 
 def few_shot_pool() -> list[Example]:
     raw = json.loads(resources.files("cai_bootstrap.data").joinpath("builtin/few_shot.json").read_text("utf-8"))
     return [Example(e["instruction"], e["response"]) for e in raw["examples"]]
-
-
-def summary_line(counts: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in counts.items())

@@ -13,7 +13,8 @@ from pathlib import Path
 from ..config import PipelineConfig
 from ..console import console, generation_progress
 from ..evaluation.memory import peak_memory
-from ..evaluation.judge import JUDGE_VERSION, judge_responses, judge_spec
+from ..data.critic import CRITIC_PROMPT_VERSION
+from ..evaluation.judge import judge_responses, judge_spec
 from ..files import atomic_write_json, sha256_path, write_jsonl
 from ..formats import prompt_for
 from ..generation.engine import Decoding, Engine
@@ -157,7 +158,7 @@ def run_evaluate(run: Run, force: bool = False, only: list[str] | None = None) -
             write_jsonl(run.path(f"{RESPONSES_DIR}/{name}.jsonl"), rs)
         if judge_spec(config):
             write_jsonl(run.path(JUDGE), judge_responses(config, items, responses))
-            record["judge"] = {"spec": judge_spec(config), "prompt_version": JUDGE_VERSION}
+            record["judge"] = {"spec": judge_spec(config), "prompt_version": CRITIC_PROMPT_VERSION}
         elif run.path(JUDGE).exists():
             run.path(JUDGE).unlink()  # a stale judge file must not be merged into a new report
         atomic_write_json(run.path(EVALUATION), record)

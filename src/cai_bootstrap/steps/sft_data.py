@@ -6,7 +6,7 @@ from collections import Counter
 
 from ..config import PipelineConfig
 from ..console import console
-from ..data.critic import CRITIC_PROMPT_VERSION, calibration_margin, critic_margins
+from ..data.critic import CRITIC_PROMPT_VERSION, best_of_n, calibration_margin, critic_margins
 from ..data.sampling import stratified_sample
 from ..data.sft_quality import qc_reason
 from ..files import atomic_write_json, write_jsonl
@@ -80,7 +80,7 @@ def run_sft_data(run: Run, force: bool = False) -> bool:
                     dropped["critic_low"] += len(ok) - len(passing)
                     if not passing:
                         continue
-                    best = max(passing, key=lambda j: (margins[(i, j)], -j))
+                    best = passing[best_of_n([ok[j][0].text for j in passing], [margins[(i, j)] for j in passing])]
                     dropped["not_best_of_n"] += len(passing) - 1
                 else:
                     if not ok:
