@@ -4,7 +4,10 @@
 (b) greedy generation under ``accelerate launch --config_file configs/accelerate/cpu_2proc.yaml``
     writes a file byte-identical to a 1-process run.
 (c) train_sft under ``torchrun --standalone --nproc_per_node 2`` with per-process batch 2 gives the
-    1-process batch-4 loss history and adapter weights (same global batch, same token-mean loss).
+    1-process batch-4 loss history and adapter weights (same global batch, same token-mean loss);
+    the DeepSpeed/ZeRO-3 parts of train_sft that can be checked without a GPU.
+(d) the dpo step under ``accelerate launch`` (2 x batch 2) against train_dpo in one process (batch 4):
+    reference log-probabilities, loss history and adapter; only the parent writes the manifest.
 
 The multi-process tests start subprocesses with OMP_NUM_THREADS=1 and the tiny random model; each
 takes well under a minute on a shared 2-core machine.
@@ -196,6 +199,7 @@ def test_two_process_sft_matches_one_process(tiny_model_folder, tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a["loss"], b["loss"])
         assert a["lr"] == b["lr"]
     assert one["tokens"] == two["tokens"]  # every supervised token seen once, whatever the split
+    assert one["base_fingerprint"] == two["base_fingerprint"]  # the main process's, broadcast
     assert one["history"][-1]["loss"] < one["history"][0]["loss"]
 
     w1 = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
@@ -204,3 +208,179 @@ def test_two_process_sft_matches_one_process(tiny_model_folder, tmp_path):
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (k, (w1[k] - w2[k]).abs().max().item())
     assert any(w1[k].abs().max() > 1e-3 for k in w1 if "lora_B" in k)  # the adapter did train
+
+
+def test_sft_fingerprint_gathered_one_weight_at_a_time_is_the_fingerprint(tiny_model_folder):
+    """The ZeRO-3 path of train_sft's base fingerprint (each weight gathered in turn) hashes exactly
+    what models.loading.fingerprint hashes, so the value does not depend on the backend."""
+    import contextlib
+
+    from cai_bootstrap.models.loading import fingerprint, load_model
+    from cai_bootstrap.training.sft import _gathered_fingerprint
+
+    model = load_model(str(tiny_model_folder), device="cpu").model
+    seen = []
+
+    def gather(t):
+        seen.append(t)
+        return contextlib.nullcontext()
+
+    assert _gathered_fingerprint(model, gather) == fingerprint(model)
+    assert len(seen) == len(model.state_dict())
+
+
+def _deepspeed_worker_plugin():
+    """The DeepSpeedPlugin a worker builds from configs/accelerate/deepspeed_zero3.yaml's environment."""
+    from unittest import mock
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    config = ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"
+    args, defaults, mp_from_config = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(config), "script.py"]))
+    fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+    _, env = prepare_deepspeed_cmd_env(args)
+    with mock.patch.dict(os.environ, env, clear=True):
+        return DeepSpeedPlugin()
+
+
+def test_sft_fills_the_deepspeed_values_accelerate_takes_from_a_dataloader():
+    """train_sft prepares no DataLoader: without a micro-batch size accelerate.prepare refuses a
+    DeepSpeed model, and "auto" clipping would become 1.0 (the other backends do not clip)."""
+    from types import SimpleNamespace
+
+    from cai_bootstrap.training.sft import _configure_deepspeed
+
+    plugin = _deepspeed_worker_plugin()
+    assert plugin.is_auto("train_micro_batch_size_per_gpu")  # what accelerate's _prepare_deepspeed checks
+    fake = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    _configure_deepspeed(fake, SFTConfig(batch_size=3))
+    assert not plugin.is_auto("train_micro_batch_size_per_gpu")
+    assert plugin.get_value("train_micro_batch_size_per_gpu") == 3
+    assert plugin.get_value("gradient_clipping") == 0.0
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        _configure_deepspeed(fake, SFTConfig(gradient_accumulation_steps=2))
+    _configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)),
+                         SFTConfig(gradient_accumulation_steps=2))  # DDP/FSDP/CPU: accumulation is fine
+
+
+def test_sft_step_refuses_accumulation_under_deepspeed_before_launching(tmp_path, tiny_model_folder):
+    from cai_bootstrap.config import load_config
+    from cai_bootstrap.files import write_jsonl
+    from cai_bootstrap.run import Run, StepFailed
+    from cai_bootstrap.schemas import GeneratorProvenance, SFTRecord
+    from cai_bootstrap.steps.sft import run_sft
+
+    run = Run(tmp_path, load_config(None, [f"model.base={tiny_model_folder}", "sft.gradient_accumulation_steps=2"]))
+    gen = GeneratorProvenance(model="tiny", quantization="none", quantization_requested="none",
+                              full_precision_fallback=False, dtype="float32", add_bos_token=False, decoding={}, seed=0)
+    write_jsonl(run.path("data/sft.jsonl"), [SFTRecord(
+        id="s0", instruction="Say hi.", category="qa", prompt="Instruction: Say hi.\nResponse:", response="Hi.",
+        generator=gen, finish_reason="stop", stop_string="\nEND")])
+    with pytest.raises(StepFailed, match="gradient_accumulation_steps is 2"):
+        run_sft(run, accelerate_config=ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml")
+    assert "sft" not in run.steps()
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) DPO: 2 processes x batch 2 == 1 process x batch 4; the step under the launcher
+
+FACTS = [("What is the capital of France?", "Paris."), ("What is 2 + 2?", "4."), ("Name a primary colour.", "Red."),
+         ("What is the largest planet?", "Jupiter."), ("What do bees make?", "Honey."),
+         ("What is frozen water called?", "Ice."), ("How many legs does a spider have?", "Eight."),
+         ("Which animal says moo?", "A cow.")]
+
+
+def dpo_pairs():
+    from cai_bootstrap.schemas import PreferencePair
+
+    return [PreferencePair(id=f"p{i}", instruction_id=f"i{i}", category="qa", prompt=f"Instruction: {q}\nResponse:",
+                           chosen=f" {a}\nEND", rejected=f" Well, that is a big question about {q.split()[-1].lower()}",
+                           negative_type="verbose_vague", chosen_source="sft_model")
+            for i, (q, a) in enumerate(FACTS)]
+
+
+def dpo_cfg(batch_size: int) -> dict:
+    return dict(batch_size=batch_size, max_steps=2, logging_steps=1, learning_rate=1e-2, max_length=128,
+                warmup_ratio=0.0, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+
+
+@pytest.mark.distributed
+def test_dpo_step_on_two_processes_matches_one_process_and_the_parent_records_it(tiny_model_folder, tmp_path,
+                                                                                  monkeypatch):
+    """`dpo --init base` under `accelerate launch` (2 processes x 2 pairs) against train_dpo in this
+    process (1 x 4 pairs), the same global batch: the same reference log-probabilities (gathered in
+    input order), loss history and adapter. The workers read the manifest and never write it; the
+    parent records the step from training.json in its two usual writes. The process count then
+    joins the parity check of the other DPO run."""
+    from safetensors.torch import load_file
+
+    from cai_bootstrap.config import DPOConfig, load_config
+    from cai_bootstrap.files import write_jsonl
+    from cai_bootstrap.run import Run
+    from cai_bootstrap.steps import dpo as dpo_step
+    from cai_bootstrap.training.dpo import ParityError, train_dpo
+
+    pairs = dpo_pairs()
+    overrides = [f"model.base={tiny_model_folder}", "dpo.lora.r=4", "dpo.lora.alpha=8", "dpo.lora.dropout=0"]
+    run = Run(tmp_path / "run", load_config(None, overrides + [f"dpo.{k}={v}" for k, v in dpo_cfg(2).items()
+                                                               if k != "lora"]))
+    write_jsonl(run.path("data/pairs.jsonl"), pairs)
+    saves, launched = [], []
+    real_save, real_launch = Run._save, dpo_step.launch
+    monkeypatch.setattr(Run, "_save", lambda self: (saves.append(self.manifest["steps"]["dpo_only"]["status"]),
+                                                    real_save(self)))
+
+    def launch(*args, **kwargs):
+        before = run.manifest_path.read_bytes()
+        real_launch(*args, **kwargs)
+        launched.append(run.manifest_path.read_bytes() == before)
+
+    monkeypatch.setattr(dpo_step, "launch", launch)
+    assert dpo_step.run_dpo(run, "base", accelerate_config=CPU_2PROC)
+    monkeypatch.setattr(Run, "_save", real_save)
+    assert launched == [True]  # launched once; the manifest did not change while the workers ran
+    assert saves == ["running", "done"]
+
+    step = json.loads(run.manifest_path.read_text())["steps"]["dpo_only"]
+    two = json.loads(run.path("models/dpo_only/training.json").read_text())
+    assert step["status"] == "done" and step["counts"]["kept"] == len(pairs)
+    assert step["provenance"]["launcher"] == {"accelerate_config": str(CPU_2PROC)}
+    assert step["provenance"]["num_processes"] == step["metrics"]["num_processes"] == two["num_processes"] == 2
+    assert step["provenance"]["trainer_args"] == two["trainer_args"]
+    assert step["metrics"]["loss_history"] == [h["loss"] for h in two["history"]]
+
+    train_dpo("base", str(tiny_model_folder), pairs, DPOConfig.model_validate(dpo_cfg(4)), out_dir=tmp_path / "one",
+              seed=0, cache_dir=tmp_path / "cache-one")
+    one = json.loads((tmp_path / "one" / "training.json").read_text())
+    assert one["num_processes"] == 1
+    assert one["ref_cache_hit"] is two["ref_cache_hit"] is False
+    caches = [tmp_path / "cache-one", run.path("cache/ref_logps")]
+    ref = [torch.load(next(d.glob("ref-*.pt")), weights_only=True) for d in caches]
+    assert [sorted(p.name for p in d.iterdir()) for d in caches] == [[f"ref-{r['key']}.pt"] for r in ref]
+    assert ref[0]["ids"] == ref[1]["ids"] == [p.id for p in pairs]
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert torch.allclose(ref[0][k], ref[1][k], rtol=0, atol=1e-4), k  # sums ~ -130: float32 ulp 1.5e-5
+
+    assert [h["step"] for h in one["history"]] == [h["step"] for h in two["history"]] == [1, 2]
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["loss"], b["loss"])
+        assert a["rewards/accuracies"] == b["rewards/accuracies"]
+    assert one["history"][-1]["loss"] < one["history"][0]["loss"]  # it trained
+
+    w1 = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    w2 = load_file(str(run.path("models/dpo_only/adapter_model.safetensors")))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), (k, (w1[k] - w2[k]).abs().max().item())
+    assert sorted(p.name for p in run.path("models/dpo_only").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one").iterdir())
+
+    # the other DPO run in one process would train on half the global batch: refused before loading
+    run.path("models/sft").mkdir(parents=True)
+    run.path("models/sft/adapter_config.json").write_text("{}")
+    with pytest.raises(ParityError, match="num_processes: 2 != 1"):
+        dpo_step.run_dpo(run, "sft")

@@ -39,7 +39,10 @@ def _quiet_libraries() -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: messages hold literal brackets, e.g. pip install '.[vllm]'
+    console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -177,7 +180,7 @@ RunDirOpt = Annotated[Path, typer.Option("--run-dir", help="The run directory (c
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b=value (repeatable).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even if inputs and config are unchanged.")]
 
-LauncherOpt = Annotated[str, typer.Option(help="none: train in this process; accelerate: `accelerate launch` the SFT training.")]
+LauncherOpt = Annotated[str, typer.Option(help="none: run in this process; accelerate: `accelerate launch` the training (sft, dpo) and the generation of sft-data, pairs and evaluate.")]
 AccelerateConfigOpt = Annotated[Optional[Path], typer.Option(help="accelerate config for --launcher accelerate, e.g. configs/accelerate/ddp.yaml.")]
 
 
@@ -203,6 +206,7 @@ def open_run(config: Path, run_dir: Path, overrides: list[str] | None):
 
 
 def _step(fn, config: Path, run_dir: Path, overrides, **kwargs) -> None:
+    from .generation.vllm_backend import BackendUnavailable
     from .models.embedded import ModelNotAvailable
     from .models.loading import QuantizationUnavailable
     from .run import StepFailed
@@ -211,7 +215,7 @@ def _step(fn, config: Path, run_dir: Path, overrides, **kwargs) -> None:
     run = open_run(config, run_dir, overrides)
     try:
         fn(run, **kwargs)
-    except (ArtifactError, StepFailed, ModelNotAvailable, QuantizationUnavailable) as e:
+    except (ArtifactError, StepFailed, ModelNotAvailable, QuantizationUnavailable, BackendUnavailable) as e:
         fail(str(e))
 
 
@@ -232,11 +236,13 @@ def instructions(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, for
 
 
 @app.command("sft-data")
-def sft_data(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def sft_data(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+             launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """Generate SFT responses with the base model (few-shot), clean, filter and critique them."""
     from .steps.sft_data import run_sft_data
 
-    _step(run_sft_data, config, run_dir, set_, force=force)
+    _step(run_sft_data, config, run_dir, set_, force=force,
+          accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()
@@ -252,32 +258,37 @@ def sft(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: Force
 
 
 @app.command()
-def pairs(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def pairs(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+          launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """Build preference pairs: the SFT model's responses vs five kinds of negatives plus on-policy ones."""
     from .steps.pairs import run_pairs
 
-    _step(run_pairs, config, run_dir, set_, force=force)
+    _step(run_pairs, config, run_dir, set_, force=force, accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()
 def dpo(config: ConfigArg, run_dir: RunDirOpt,
         init: Annotated[str, typer.Option(help="sft: DPO from the SFT model; base: the DPO-only baseline.")] = "sft",
-        set_: SetOpt = None, force: ForceOpt = False) -> None:
+        set_: SetOpt = None, force: ForceOpt = False,
+        launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """DPO with TRL from the SFT model (models/dpo) or from base (models/dpo_only); one shared dpo: block."""
     from .steps.dpo import run_dpo
 
     if init not in ("sft", "base"):
         fail("--init must be sft or base")
-    _step(run_dpo, config, run_dir, set_, init=init, force=force)
+    _step(run_dpo, config, run_dir, set_, init=init, force=force,
+          accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()
 def evaluate(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
-             model: Annotated[Optional[list[str]], typer.Option(help="Evaluate only these models (repeatable).")] = None) -> None:
+             model: Annotated[Optional[list[str]], typer.Option(help="Evaluate only these models (repeatable).")] = None,
+             launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """Evaluate base / sft / dpo / dpo_only one at a time on the held-out set, with isolation checks."""
     from .steps.evaluate import run_evaluate
 
-    _step(run_evaluate, config, run_dir, set_, force=force, only=model)
+    _step(run_evaluate, config, run_dir, set_, force=force, only=model,
+          accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()

@@ -39,6 +39,10 @@ class ModelConfig(Section):
 class GenerationConfig(Section):
     batch_size: int = Field(16, ge=1)
     backend: Literal["hf", "vllm"] = "hf"
+    """hf: transformers in this process (or sharded under --launcher accelerate); vllm: vLLM in this
+    process, GPUs only, needs `pip install '.[vllm]'` and model.quantization none."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vllm only: GPUs one vLLM engine splits the model over."""
 
 
 class BaselineConfig(Section):

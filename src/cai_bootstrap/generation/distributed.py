@@ -21,6 +21,9 @@ into batches of ``engine.batch_size``; batch ``j`` goes to process ``j % num_pro
 
 With one process (no launcher) :func:`generate_sharded` is exactly ``engine.generate``.
 
+The pipeline's steps launch :mod:`cai_bootstrap.generation.launched` instead, which runs several
+decodings per launch and also reports the weights' fingerprint and load provenance.
+
 Command line, for tests and ad-hoc runs (only rank 0 writes the output file)::
 
     torchrun --nproc_per_node 2 -m cai_bootstrap.generation.distributed \\

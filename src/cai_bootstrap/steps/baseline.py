@@ -16,10 +16,10 @@ from ..evaluation.criteria import CRITERIA, score, score_checks
 from ..files import atomic_write_json
 from ..formats import choose_shots, few_shot_prompt, prompt_for
 from ..generation.engine import Decoding, encode_prompts
-from ..models.loading import free
 from ..run import Run
 from ..schemas import EvalResponse, InstructionRecord
-from .common import BASELINE, engine_for, few_shot_pool, load_base
+from .common import BASELINE, TMP, few_shot_pool
+from .generator import Generator
 
 PROBE_SEED = 0  # fixed: the probe set is the same for every run, so baselines compare across runs
 FORMS = ("raw", "wrapper", "few_shot")
@@ -68,16 +68,12 @@ def run_baseline(run: Run, force: bool = False) -> bool:
     with run.step("baseline", params, [], [BASELINE]) as step:
         items = probes(config.baseline.n_probes)
         prompts = {f: form_prompts(f, items, config) for f in FORMS}
-        loaded = load_base(config)
-        try:
-            engine = engine_for(loaded, config)
-            decoding = Decoding(max_new_tokens=config.baseline.max_new_tokens)
-            flat = [p for f in FORMS for p in prompts[f]]
-            sentinel_prompts = [s for s, _ in SENTINELS]
-            outs = engine.generate(flat + sentinel_prompts, decoding)
-            token_checks = template_sentinels(loaded.tokenizer, flat + sentinel_prompts, config.model.add_bos_token)
-        finally:
-            free(loaded)
+        decoding = Decoding(max_new_tokens=config.baseline.max_new_tokens)
+        flat = [p for f in FORMS for p in prompts[f]]
+        sentinel_prompts = [s for s, _ in SENTINELS]
+        with Generator(config, work_dir=run.path(TMP)) as gen:
+            outs = gen.generate(flat + sentinel_prompts, decoding, label="baseline")
+            token_checks = template_sentinels(gen.tokenizer, flat + sentinel_prompts, config.model.add_bos_token)
         forms: dict[str, dict[str, float | None]] = {}
         examples: dict[str, list[dict]] = {}
         for k, form in enumerate(FORMS):

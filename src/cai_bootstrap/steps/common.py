@@ -1,15 +1,17 @@
-"""What steps share: loading the configured base model, provenance, and reading the few-shot pool."""
+"""What steps share: artifact paths, generator provenance, and reading the few-shot pool.
+
+The model a step generates with is a :class:`~cai_bootstrap.steps.generator.Generator`.
+"""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
-from pathlib import Path
+from typing import Any
 
 from ..config import PipelineConfig
 from ..formats import Example
-from ..generation.engine import Decoding, Engine
-from ..models.loading import LoadedModel, load_model
+from ..generation.engine import Decoding
 from ..schemas import GeneratorProvenance
 
 # Artifact paths inside a run directory (DESIGN.md §2): explicit, never "the newest match".
@@ -28,22 +30,12 @@ RESPONSES_DIR = "eval/responses"
 RESULTS = "eval/results.json"
 SCORES = "eval/scores.jsonl"
 REPORT_DIR = "report"
+TMP = "tmp"  # launch requests and merged weights while a step runs; nothing in it is an artifact
 
 
-def load_base(config: PipelineConfig, adapters: list[str | Path] | None = None) -> LoadedModel:
-    m = config.model
-    return load_model(m.base, quantization=m.quantization, dtype=m.dtype, adapters=adapters,
-                      allow_full_precision_fallback=m.allow_full_precision_fallback)
-
-
-def engine_for(loaded: LoadedModel, config: PipelineConfig, batch_size: int | None = None) -> Engine:
-    return Engine(loaded.model, loaded.tokenizer, batch_size=batch_size or config.generation.batch_size,
-                  add_bos=config.model.add_bos_token)
-
-
-def generator_provenance(loaded: LoadedModel, config: PipelineConfig, decoding: Decoding,
+def generator_provenance(p: dict[str, Any], config: PipelineConfig, decoding: Decoding,
                          model_fingerprint: str) -> GeneratorProvenance:
-    p = loaded.provenance
+    """p: the generating model's load provenance (``LoadedModel.provenance``)."""
     return GeneratorProvenance(
         model=p["model"], model_fingerprint=model_fingerprint,
         adapters=p["adapters"], quantization=p["quantization"], quantization_requested=p["quantization_requested"],

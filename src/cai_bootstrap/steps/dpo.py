@@ -1,46 +1,80 @@
 """`dpo`: DPO from the SFT model (`--init sft`) and the DPO-only baseline from base (`--init base`).
 
 Both runs take every hyperparameter from the one `dpo:` block; the second run to execute checks
-its trainer arguments against the first's and fails if anything but the init and output differ.
+its trainer arguments (and process count) against the first's and fails if anything but the init
+and output differ. Training runs in this process or under `accelerate launch`; either way the step
+is recorded from the run's training.json.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from ..console import console
 from ..run import Run
 from ..schemas import PreferencePair, load_jsonl
-from ..training.dpo import train_dpo
+from ..training.dpo import TRAINING_JSON, check_parity, train_dpo
 from .common import DPO_DIR, DPO_ONLY_DIR, PAIRS, SFT_DIR
+from .worker import launch
 
 STEP_NAMES = {"sft": "dpo", "base": "dpo_only"}
 OUT_DIRS = {"sft": DPO_DIR, "base": DPO_ONLY_DIR}
 REF_CACHE = "cache/ref_logps"
+SUMMARY_KEYS = ("train_loss", "steps", "final_reward_accuracy", "final_reward_margin", "pairs_used",
+                "rejected_truncated", "ref_cache_hit", "ref_forward_batches", "num_processes", "wall_time_s")
 
 
-def run_dpo(run: Run, init: str, force: bool = False) -> bool:
+def _other(init: str) -> str:
+    return STEP_NAMES["base" if init == "sft" else "sft"]
+
+
+def reference_of(run: Run, init: str) -> dict[str, Any]:
+    """The other DPO run's recorded provenance if it is done (this run must match it), else {}."""
+    other = run.steps().get(_other(init), {})
+    return other.get("provenance", {}) if other.get("status") == "done" else {}
+
+
+def train_dpo_here(run: Run, init: str) -> None:
+    """The training itself (in this process, or in each process under `accelerate launch`)."""
+    config, m = run.config, run.config.model
+    reference = reference_of(run, init)
+    train_dpo(init, m.base, load_jsonl(run.path(PAIRS), PreferencePair), config.dpo, out_dir=run.path(OUT_DIRS[init]),
+              seed=config.seed, sft_adapter=run.path(SFT_DIR) if init == "sft" else None,
+              quantization=m.quantization, dtype=m.dtype, add_bos=m.add_bos_token, cache_dir=run.path(REF_CACHE),
+              reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"),
+              reference_processes=reference.get("num_processes"))
+
+
+def run_dpo(run: Run, init: str, force: bool = False, accelerate_config: Path | None = None) -> bool:
     if init not in STEP_NAMES:
         raise ValueError(f"--init must be sft or base, not {init!r}")
     config = run.config
     name, out = STEP_NAMES[init], OUT_DIRS[init]
-    other = run.steps().get(STEP_NAMES["base" if init == "sft" else "sft"], {})
-    reference = other.get("provenance", {}) if other.get("status") == "done" else {}
+    reference = reference_of(run, init)
     params = config.section_hash("dpo") + f":init={init}"
     inputs = [PAIRS, SFT_DIR] if init == "sft" else [PAIRS]
     if not force and run.is_current(name, params, inputs):
         console.print(f"{name}: up to date, skipped")
         return False
     with run.step(name, params, inputs, [out]) as step:
-        pairs = load_jsonl(run.path(PAIRS), PreferencePair)
-        m = config.model
-        result = train_dpo(init, m.base, pairs, config.dpo, out_dir=run.path(out), seed=config.seed,
-                           sft_adapter=run.path(SFT_DIR) if init == "sft" else None, quantization=m.quantization,
-                           dtype=m.dtype, add_bos=m.add_bos_token, cache_dir=run.path(REF_CACHE),
-                           reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"))
-        step.kept = len(pairs)
-        step.provenance["trainer_args"] = result.trainer_args
-        step.provenance["lora_args"] = result.lora_args
-        step.provenance["parity_checked_against"] = STEP_NAMES["base" if init == "sft" else "sft"] if reference else None
-        step.metrics.update({k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))})
-        step.metrics["loss_history"] = [h.get("loss") for h in result.metrics.get("history", []) if "loss" in h]
+        if accelerate_config is None:
+            train_dpo_here(run, init)
+        else:
+            # fail here, with the differences, rather than in every launched process
+            check_parity(config.dpo, out_dir=run.path(out), seed=config.seed,
+                         reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"))
+            launch(f"dpo-{init}", run.dir, accelerate_config)
+            step.provenance["launcher"] = {"accelerate_config": str(accelerate_config)}
+        record = json.loads(run.path(f"{out}/{TRAINING_JSON}").read_text(encoding="utf-8"))
+        step.kept = record["pairs_used"]
+        step.dropped.update(record["pairs_dropped"])
+        step.provenance["trainer_args"] = record["trainer_args"]
+        step.provenance["lora_args"] = record["lora_args"]
+        step.provenance["num_processes"] = record["num_processes"]
+        step.provenance["parity_checked_against"] = _other(init) if reference else None
+        step.metrics.update({k: record[k] for k in SUMMARY_KEYS})
+        step.metrics["loss_history"] = [h["loss"] for h in record["history"]]
     console.print(f"{name}: done ({', '.join(f'{k}={v}' for k, v in step.metrics.items() if 'reward' in k)})")
     return True

@@ -11,17 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PipelineConfig
-from ..console import console, generation_progress
+from ..console import console
 from ..evaluation.memory import peak_memory
 from ..data.critic import CRITIC_PROMPT_VERSION
 from ..evaluation.judge import judge_responses, judge_spec
 from ..files import atomic_write_json, sha256_path, write_jsonl
 from ..formats import prompt_for
-from ..generation.engine import Decoding, Engine
+from ..generation.engine import Decoding
 from ..models.loading import LoadedModel, fingerprint, free, load_model
 from ..run import Run
 from ..schemas import EvalResponse, InstructionRecord, load_jsonl
-from .common import DPO_DIR, DPO_ONLY_DIR, RESPONSES_DIR, SFT_DIR, TEST
+from .common import DPO_DIR, DPO_ONLY_DIR, RESPONSES_DIR, SFT_DIR, TEST, TMP
+from .generator import Generator, check_backend
 
 EVALUATION = "eval/evaluation.json"
 JUDGE = "eval/judge.jsonl"
@@ -64,21 +65,19 @@ def fresh_load(m: ModelUnderTest, config: PipelineConfig) -> LoadedModel:
 
 
 def evaluate_one(m: ModelUnderTest, items: list[InstructionRecord], config: PipelineConfig,
-                 loader: Loader = fresh_load) -> tuple[list[EvalResponse], dict]:
+                 loader: Loader = fresh_load, accelerate_config: Path | None = None,
+                 work_dir: Path | None = None) -> tuple[list[EvalResponse], dict]:
+    """``loader`` loads the model when it generates in this process; launched or vLLM generation
+    loads it its own way (from the same spec and adapters) and reports its fingerprint."""
     cfg = config.evaluation
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens)  # greedy: deterministic
     prompts = [prompt_for(it.instruction) for it in items]
-    with peak_memory() as memory:
-        loaded = loader(m, config)
-        try:
-            fp = fingerprint(loaded.model)
-            engine = Engine(loaded.model, loaded.tokenizer, batch_size=cfg.batch_size, add_bos=config.model.add_bos_token)
-            with generation_progress(len(prompts), f"evaluate {m.name}") as progress:
-                gens = engine.generate(prompts, decoding, progress)
-            provenance = dict(loaded.provenance)
-        finally:
-            free(loaded)
-            del loaded
+    with peak_memory() as memory:  # this process only: launched processes are not measured
+        with Generator(config, spec=m.spec, adapters=m.adapters, batch_size=cfg.batch_size,
+                       accelerate_config=accelerate_config, work_dir=work_dir, load=lambda: loader(m, config)) as gen:
+            gens = gen.generate(prompts, decoding, label=f"evaluate {m.name}")
+            fp = gen.fingerprint  # after generating: a launched run reports it with its results
+            provenance = dict(gen.provenance)
     responses = [
         EvalResponse(id=it.id, model=m.name, prompt=p, raw_text=g.raw_text, response=g.text, stop_string=g.stop_string,
                      finish_reason=g.finish_reason, prompt_tokens=g.prompt_tokens,
@@ -86,7 +85,8 @@ def evaluate_one(m: ModelUnderTest, items: list[InstructionRecord], config: Pipe
         for it, p, g in zip(items, prompts, gens)
     ]
     info = {"fingerprint": fp, "adapters": {str(a): sha256_path(a) for a in m.adapters}, "memory": memory,
-            "provenance": provenance, "generation": engine.stats.as_dict(), "decoding": decoding.as_dict()}
+            "provenance": provenance, "generation": gen.stats.as_dict(), "runtime": gen.runtime,
+            "decoding": decoding.as_dict()}
     return responses, info
 
 
@@ -110,8 +110,12 @@ def verify_isolation(infos: dict[str, dict], models: list[ModelUnderTest], base_
 
 
 def evaluate_models(models: list[ModelUnderTest], items: list[InstructionRecord], config: PipelineConfig,
-                    loader: Loader = fresh_load) -> tuple[dict[str, list[EvalResponse]], dict]:
-    """Evaluate one model at a time; verify isolation; return responses and the evaluation record."""
+                    loader: Loader = fresh_load, accelerate_config: Path | None = None,
+                    work_dir: Path | None = None) -> tuple[dict[str, list[EvalResponse]], dict]:
+    """Evaluate one model at a time; verify isolation; return responses and the evaluation record.
+
+    The base fingerprints before and after are always taken in this process, with ``loader``."""
+    check_backend(config)
     base = ModelUnderTest("base", config.model.base, ())
     before = loader(base, config)
     base_before = fingerprint(before.model)
@@ -120,7 +124,7 @@ def evaluate_models(models: list[ModelUnderTest], items: list[InstructionRecord]
     responses, infos = {}, {}
     for m in models:
         console.print(f"evaluate: {m.name} ({len(m.adapters)} adapter(s))")
-        responses[m.name], infos[m.name] = evaluate_one(m, items, config, loader)
+        responses[m.name], infos[m.name] = evaluate_one(m, items, config, loader, accelerate_config, work_dir)
     after = loader(base, config)
     base_after = fingerprint(after.model)
     free(after)
@@ -139,7 +143,9 @@ def evaluate_models(models: list[ModelUnderTest], items: list[InstructionRecord]
     return responses, record
 
 
-def run_evaluate(run: Run, force: bool = False, only: list[str] | None = None) -> bool:
+def run_evaluate(run: Run, force: bool = False, only: list[str] | None = None,
+                 accelerate_config: Path | None = None) -> bool:
+    """accelerate_config: generate under `accelerate launch` with this config (several processes/GPUs)."""
     config = run.config
     models = [m for m in models_under_test(run) if not only or m.name in only]
     inputs = [TEST] + sorted({str(a.relative_to(run.dir)) for m in models for a in m.adapters
@@ -153,7 +159,8 @@ def run_evaluate(run: Run, force: bool = False, only: list[str] | None = None) -
         return False
     with run.step("evaluate", params, inputs, outputs) as step:
         items = load_jsonl(run.path(TEST), InstructionRecord)
-        responses, record = evaluate_models(models, items, config)
+        responses, record = evaluate_models(models, items, config, accelerate_config=accelerate_config,
+                                            work_dir=run.path(TMP))
         for name, rs in responses.items():
             write_jsonl(run.path(f"{RESPONSES_DIR}/{name}.jsonl"), rs)
         if judge_spec(config):

@@ -16,10 +16,10 @@ from ..data.split import check_leakage, purge_leaks, split
 from ..files import atomic_write_json, write_jsonl
 from ..formats import RUNAWAY_MARKERS
 from ..generation.engine import Decoding
-from ..models.loading import free
 from ..run import Run
 from ..schemas import InstructionRecord, load_jsonl
-from .common import INSTRUCTIONS, INSTRUCTIONS_REPORT, TEST, engine_for, load_base
+from .common import INSTRUCTIONS, INSTRUCTIONS_REPORT, TEST
+from .generator import Generator
 
 
 def self_instruct(config: PipelineConfig, seeds: list[InstructionRecord]) -> tuple[list[InstructionRecord], Counter]:
@@ -34,13 +34,10 @@ def self_instruct(config: PipelineConfig, seeds: list[InstructionRecord]) -> tup
         prompt, start = build_prompt(seeds, rng)
         prompts.append(prompt)
         starts.append(start)
-    loaded = load_base(config)
-    try:
-        decoding = Decoding(max_new_tokens=cfg.self_instruct_max_new_tokens, temperature=cfg.self_instruct_temperature,
-                            top_p=0.95, seed=config.seed, stop_strings=("\n\n", *RUNAWAY_MARKERS))
-        outs = engine_for(loaded, config).generate(prompts, decoding)
-    finally:
-        free(loaded)
+    decoding = Decoding(max_new_tokens=cfg.self_instruct_max_new_tokens, temperature=cfg.self_instruct_temperature,
+                        top_p=0.95, seed=config.seed, stop_strings=("\n\n", *RUNAWAY_MARKERS))
+    with Generator(config) as gen:
+        outs = gen.generate(prompts, decoding, label="self-instruct")
     new: list[InstructionRecord] = []
     seen = [s.instruction for s in seeds]
     for k, (g, start) in enumerate(zip(outs, starts)):

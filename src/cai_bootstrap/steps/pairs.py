@@ -1,10 +1,12 @@
 """`pairs`: chosen = the SFT model's own cleaned response; rejected = five rule-built kinds + on-policy.
 
-The base model is loaded first (its raw completions are the on-policy negatives), freed, then the
-SFT model generates the chosen responses and scores every pair's margin.
+The base model generates first (its raw completions are the on-policy negatives) and is freed, then
+the SFT model generates the chosen responses and scores every pair's margin.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ..config import PipelineConfig
 from ..console import console
@@ -13,22 +15,21 @@ from ..data.sampling import stratified_sample
 from ..data.sft_quality import qc_reason
 from ..files import atomic_write_json, write_jsonl
 from ..formats import prompt_for
-from ..generation.engine import Decoding
-from ..models.loading import free
+from ..generation.engine import Decoding, Generation
 from ..run import Run
 from ..schemas import InstructionRecord, PreferencePair, SFTRecord, load_jsonl
 from ..training.logprobs import completion_logprobs
-from .common import INSTRUCTIONS, NEGATIVES, PAIRS, SFT, SFT_DIR, engine_for, load_base
+from .common import INSTRUCTIONS, NEGATIVES, PAIRS, SFT, SFT_DIR, TMP
+from .generator import Generator
 
 PAIRS_REPORT = "data/pairs_report.json"
 
 
-def greedy_responses(config: PipelineConfig, items: list[InstructionRecord], adapters: list) -> tuple[list, object]:
-    """Greedy zero-shot generations of the (adapted) base model; returns (generations, loaded model)."""
-    loaded = load_base(config, adapters=adapters)
+def greedy_responses(gen: Generator, config: PipelineConfig, items: list[InstructionRecord],
+                     label: str) -> list[Generation]:
+    """Greedy zero-shot generations of the generator's model."""
     decoding = Decoding(max_new_tokens=config.pairs.max_new_tokens)
-    gens = engine_for(loaded, config).generate([prompt_for(it.instruction) for it in items], decoding)
-    return gens, loaded
+    return gen.generate([prompt_for(it.instruction) for it in items], decoding, label=label)
 
 
 def with_margins(config: PipelineConfig, loaded, pairs: list[PreferencePair]) -> list[PreferencePair]:
@@ -48,7 +49,8 @@ def with_margins(config: PipelineConfig, loaded, pairs: list[PreferencePair]) ->
     return out
 
 
-def run_pairs(run: Run, force: bool = False) -> bool:
+def run_pairs(run: Run, force: bool = False, accelerate_config: Path | None = None) -> bool:
+    """accelerate_config: generate under `accelerate launch` with this config (several processes/GPUs)."""
     config = run.config
     cfg = config.pairs
     params = config.section_hash("pairs", "sft_data")
@@ -61,11 +63,12 @@ def run_pairs(run: Run, force: bool = False) -> bool:
         items = stratified_sample(load_jsonl(run.path(INSTRUCTIONS), InstructionRecord),
                                   config.sft_data.max_instructions, config.seed, "sft-data")
         sft_data = {r.id: r.response for r in load_jsonl(run.path(SFT), SFTRecord)}
-        base_gens, loaded = greedy_responses(config, items, adapters=[])
-        free(loaded)
+        with Generator(config, accelerate_config=accelerate_config, work_dir=run.path(TMP)) as gen:
+            base_gens = greedy_responses(gen, config, items, "pairs: base")
         base_raw = {it.id: g.raw_text for it, g in zip(items, base_gens)}
-        sft_gens, loaded = greedy_responses(config, items, adapters=[run.path(SFT_DIR)])
-        try:
+        with Generator(config, adapters=[run.path(SFT_DIR)], accelerate_config=accelerate_config,
+                       work_dir=run.path(TMP)) as gen:
+            sft_gens = greedy_responses(gen, config, items, "pairs: sft")
             chosen: dict[str, tuple[str, str]] = {}
             chosen_drops: dict[str, int] = {}
             for it, g in zip(items, sft_gens):
@@ -79,9 +82,7 @@ def run_pairs(run: Run, force: bool = False) -> bool:
                     chosen_drops[key] = chosen_drops.get(key, 0) + 1
             built = build_pairs(items, chosen, base_raw, cfg.negative_weights, cfg.on_policy_share, config.seed)
             pairs, negatives, dropped = built
-            pairs = with_margins(config, loaded, pairs)
-        finally:
-            free(loaded)
+            pairs = with_margins(config, gen.scoring_model(), pairs)
         write_jsonl(run.path(PAIRS), pairs)
         write_jsonl(run.path(NEGATIVES), negatives)
         sft_wrote_end = sum(1 for g in sft_gens if g.stop_string == "\nEND")
@@ -97,6 +98,7 @@ def run_pairs(run: Run, force: bool = False) -> bool:
         }
         atomic_write_json(run.path(PAIRS_REPORT), report)
         step.kept = len(pairs)
+        step.provenance["generation"] = gen.runtime
         step.dropped.update(report["dropped"])
         step.metrics.update({k: report[k] for k in ("mix", "chosen_source", "confident", "mean_margin",
                                                     "sft_model_wrote_end", "base_model_wrote_end")})

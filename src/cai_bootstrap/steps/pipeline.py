@@ -23,15 +23,17 @@ STEPS: tuple[tuple[str, Callable[[Run, bool], object]], ...] = (
     ("sft-data", run_sft_data),
     ("sft", run_sft),
     ("pairs", run_pairs),
-    ("dpo", lambda run, force: run_dpo(run, "sft", force)),
-    ("dpo_only", lambda run, force: run_dpo(run, "base", force)),
+    ("dpo", lambda run, force, **kw: run_dpo(run, "sft", force, **kw)),
+    ("dpo_only", lambda run, force, **kw: run_dpo(run, "base", force, **kw)),
     ("evaluate", run_evaluate),
 )
+# Steps that run under `accelerate launch` given an accelerate config (they take accelerate_config=).
+LAUNCHABLE = {"sft-data", "sft", "pairs", "dpo", "dpo_only", "evaluate"}
 
 
 def run_pipeline(run: Run, force: bool = False, until: str | None = None,
                  accelerate_config: Path | None = None) -> None:
-    """accelerate_config: launch the SFT training step under `accelerate launch` with this config."""
+    """accelerate_config: run the LAUNCHABLE steps under `accelerate launch` with this config."""
     names = [n for n, _ in STEPS]
     if until is not None and until not in names:
         raise ValueError(f"--until must be one of {names}")
@@ -39,7 +41,7 @@ def run_pipeline(run: Run, force: bool = False, until: str | None = None,
     for k, (name, fn) in enumerate(STEPS, start=1):
         console.rule(f"[bold]step {k}/{len(STEPS) + 1}: {name}")
         t = time.perf_counter()
-        ran = run_sft(run, force, accelerate_config=accelerate_config) if name == "sft" else fn(run, force)
+        ran = fn(run, force, accelerate_config=accelerate_config) if name in LAUNCHABLE else fn(run, force)
         console.print(f"{name}: {'done' if ran else 'skipped'} in {time.perf_counter() - t:.1f}s "
                       f"(pipeline {time.perf_counter() - t0:.0f}s)")
         if name == until:

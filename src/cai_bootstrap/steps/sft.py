@@ -6,12 +6,28 @@ import json
 from pathlib import Path
 
 from ..console import console
+from ..formats import prompt_for
 from ..run import Run
+from ..schemas import SFTRecord, load_jsonl
 from .common import SFT, SFT_DIR
-from .worker import launch, train_sft_here
+from .worker import check_accumulation, launch
 
 SUMMARY_KEYS = ("final_train_loss", "eval_loss", "supervised_tokens_per_s", "tokens_per_s", "wall_time_s",
                 "base_fingerprint")
+
+
+def train_sft_here(run: Run, resume: bool) -> dict:
+    """The training itself (in this process, or in each process under `accelerate launch`)."""
+    from ..training.sft import train_sft
+
+    config = run.config
+    m = config.model
+    records = load_jsonl(run.path(SFT), SFTRecord)
+    examples = [{"id": r.id, "prompt": prompt_for(r.instruction), "response": r.response} for r in records]
+    result = train_sft(m.base, examples, config.sft, out_dir=run.path(SFT_DIR), seed=config.seed,
+                       quantization=m.quantization, allow_full_precision_fallback=m.allow_full_precision_fallback,
+                       dtype=m.dtype, add_bos=m.add_bos_token, resume=resume)
+    return result.metrics
 
 
 def run_sft(run: Run, force: bool = False, resume: bool = False, accelerate_config: Path | None = None) -> bool:
@@ -21,6 +37,8 @@ def run_sft(run: Run, force: bool = False, resume: bool = False, accelerate_conf
     if not force and not resume and run.is_current("sft", params, [SFT]):
         console.print("sft: up to date, skipped")
         return False
+    if accelerate_config is not None:
+        check_accumulation(accelerate_config, "sft", config.sft.gradient_accumulation_steps)
     with run.step("sft", params, [SFT], [SFT_DIR]) as step:
         if accelerate_config is None:
             metrics = train_sft_here(run, resume)

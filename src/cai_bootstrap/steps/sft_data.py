@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from ..config import PipelineConfig
 from ..console import console
@@ -12,11 +13,10 @@ from ..data.sft_quality import qc_reason
 from ..files import atomic_write_json, write_jsonl
 from ..formats import choose_shots, few_shot_prompt
 from ..generation.engine import Decoding
-from ..generation.records import generate_records
-from ..models.loading import fingerprint, free
 from ..run import Run
-from ..schemas import InstructionRecord, PromptRecord, SFTRecord, load_jsonl
-from .common import INSTRUCTIONS, SFT, SFT_QC, engine_for, few_shot_pool, generator_provenance, load_base
+from ..schemas import InstructionRecord, SFTRecord, load_jsonl
+from .common import INSTRUCTIONS, SFT, SFT_QC, TMP, few_shot_pool, generator_provenance
+from .generator import Generator
 
 
 def sft_prompts(config: PipelineConfig, items: list[InstructionRecord]) -> list[str]:
@@ -26,7 +26,8 @@ def sft_prompts(config: PipelineConfig, items: list[InstructionRecord]) -> list[
                                                          exclude=it.instruction)) for it in items]
 
 
-def run_sft_data(run: Run, force: bool = False) -> bool:
+def run_sft_data(run: Run, force: bool = False, accelerate_config: Path | None = None) -> bool:
+    """accelerate_config: generate under `accelerate launch` with this config (several processes/GPUs)."""
     config = run.config
     cfg = config.sft_data
     params = config.section_hash("sft_data")
@@ -37,18 +38,12 @@ def run_sft_data(run: Run, force: bool = False) -> bool:
         items = stratified_sample(load_jsonl(run.path(INSTRUCTIONS), InstructionRecord), cfg.max_instructions,
                                   config.seed, "sft-data")
         prompts = sft_prompts(config, items)
-        loaded = load_base(config)
-        try:
-            engine = engine_for(loaded, config)
-            candidates: list[list[tuple]] = [[] for _ in items]  # per item: (generation, decoding)
-            for n in range(cfg.best_of_n):
-                decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    seed=config.seed + n)
-                records = [PromptRecord(id=it.id, prompt=p) for it, p in zip(items, prompts)]
-                gens = generate_records(engine, records, decoding,
-                                        label=f"sft-data {n + 1}/{cfg.best_of_n}" if cfg.best_of_n > 1 else "sft-data")
-                for i, g in enumerate(gens):
-                    candidates[i].append((g, decoding))
+        with Generator(config, accelerate_config=accelerate_config, work_dir=run.path(TMP)) as gen:
+            decodings = [Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  seed=config.seed + n) for n in range(cfg.best_of_n)]
+            rounds = gen.generate_many([(prompts, d) for d in decodings], label="sft-data")
+            # per item: (generation, decoding), one per round
+            candidates = [[(gens[i], d) for gens, d in zip(rounds, decodings)] for i in range(len(items))]
             dropped: Counter = Counter()
             survivors: list[list[tuple]] = []
             for it, cands in zip(items, candidates):
@@ -65,6 +60,7 @@ def run_sft_data(run: Run, force: bool = False) -> bool:
             if cfg.critic.enabled:
                 # The critic's label bias (its margin on a content-free pair) is subtracted, so that
                 # min_margin = 0 means "judged better than nothing", not "the model likes saying A".
+                loaded = gen.scoring_model()
                 calibration = calibration_margin(loaded.model, loaded.tokenizer)
                 flat = [(i, j) for i, ok in enumerate(survivors) for j in range(len(ok))]
                 values = critic_margins(loaded.model, loaded.tokenizer,
@@ -72,7 +68,6 @@ def run_sft_data(run: Run, force: bool = False) -> bool:
                                         batch_size=config.generation.batch_size, add_bos=config.model.add_bos_token)
                 margins = {k: v - calibration for k, v in zip(flat, values)}
             provenance: dict = {}
-            fingerprint_ = fingerprint(loaded.model)
             kept: list[SFTRecord] = []
             for i, (it, ok) in enumerate(zip(items, survivors)):
                 if cfg.critic.enabled:
@@ -89,16 +84,14 @@ def run_sft_data(run: Run, force: bool = False) -> bool:
                     dropped["not_best_of_n"] += len(ok) - 1
                 g, d = ok[best]
                 if d.seed not in provenance:
-                    provenance[d.seed] = generator_provenance(loaded, config, d, fingerprint_)
+                    provenance[d.seed] = generator_provenance(gen.provenance, config, d, gen.fingerprint)
                 kept.append(SFTRecord(
-                    id=it.id, instruction=it.instruction, category=it.category, prompt=g.prompt, response=g.text,
+                    id=it.id, instruction=it.instruction, category=it.category, prompt=prompts[i], response=g.text,
                     generator=provenance[d.seed], finish_reason=g.finish_reason, stop_string=g.stop_string,
                     critic_margin=margins.get((i, best)), candidates=len(candidates[i]),
                 ))
-            stats = engine.stats.as_dict()
-            fallback = loaded.provenance["full_precision_fallback"]
-        finally:
-            free(loaded)
+            stats = gen.stats.as_dict()
+            fallback = gen.provenance["full_precision_fallback"]
         generated = sum(len(c) for c in candidates)
         dropped = Counter({k: v for k, v in dropped.items() if v})
         assert generated == len(kept) + sum(dropped.values()), "QC counts must add up"
@@ -113,5 +106,6 @@ def run_sft_data(run: Run, force: bool = False) -> bool:
         step.kept = len(kept)
         step.dropped.update(dropped)
         step.metrics.update({"generated": generated, "wrote_end": ended, "tokens_per_s": stats["tokens_per_s"]})
+        step.provenance["generation"] = gen.runtime
     console.print(f"sft-data: generated {generated}, kept {len(kept)}, dropped {dict(dropped)}")
     return True

@@ -1,9 +1,11 @@
 """A training step's body, run by every process under `accelerate launch`.
 
-The parent process owns the run directory and the manifest; the workers only train, and the
-trainer writes the adapter and training.json from the main process alone.
+The parent process owns the run directory and the manifest; the workers only read them and train.
+The trainers write the adapter, training.json (and DPO's reference cache) from the main process
+alone, and the parent records the step from training.json.
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m cai_bootstrap.steps.worker sft --run-dir RUN
+    ... -m cai_bootstrap.steps.worker dpo-sft --run-dir RUN     (dpo-base: the DPO-only baseline)
 """
 
 from __future__ import annotations
@@ -14,27 +16,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..formats import prompt_for
-from ..run import Run
-from ..schemas import SFTRecord, load_jsonl
-from .common import SFT, SFT_DIR
+from ..run import Run, StepFailed
+
+STEPS = ("sft", "dpo-sft", "dpo-base")
 
 
-def train_sft_here(run: Run, resume: bool) -> dict:
-    from ..training.sft import train_sft
+def check_accumulation(accelerate_config: Path, section: str, steps: int) -> None:
+    """Refuse gradient accumulation under DeepSpeed before any process starts: the SFT loop accumulates
+    by hand, and DeepSpeed's engine steps the optimizer after every backward (training/sft.py)."""
+    import yaml
 
-    config = run.config
-    m = config.model
-    records = load_jsonl(run.path(SFT), SFTRecord)
-    examples = [{"id": r.id, "prompt": prompt_for(r.instruction), "response": r.response} for r in records]
-    result = train_sft(m.base, examples, config.sft, out_dir=run.path(SFT_DIR), seed=config.seed,
-                       quantization=m.quantization, allow_full_precision_fallback=m.allow_full_precision_fallback,
-                       dtype=m.dtype, add_bos=m.add_bos_token, resume=resume)
-    return result.metrics
+    kind = (yaml.safe_load(accelerate_config.read_text(encoding="utf-8")) or {}).get("distributed_type")
+    if kind == "DEEPSPEED" and steps != 1:
+        raise StepFailed(f"{section}.gradient_accumulation_steps is {steps}; under DeepSpeed ({accelerate_config}) "
+                         f"keep it 1 and raise {section}.batch_size or the number of GPUs instead")
 
 
 def launch(step: str, run_dir: Path, accelerate_config: Path, resume: bool = False) -> None:
     """Run a training step under `accelerate launch` in subprocesses; raise if any worker fails."""
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}")
     if not accelerate_config.is_file():
         raise FileNotFoundError(f"accelerate config {accelerate_config} not found")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
@@ -46,11 +47,25 @@ def launch(step: str, run_dir: Path, accelerate_config: Path, resume: bool = Fal
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["sft"])
+    ap.add_argument("step", choices=STEPS)
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
-    train_sft_here(Run.open_existing(args.run_dir), args.resume)
+    import torch
+
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # Before anything touches CUDA: otherwise every process's model and CUDA context land on GPU 0
+        # (DPO loads its model before TRL's accelerator exists).
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    run = Run.open_existing(args.run_dir)
+    if args.step == "sft":
+        from .sft import train_sft_here
+
+        train_sft_here(run, args.resume)
+    else:
+        from .dpo import train_dpo_here
+
+        train_dpo_here(run, args.step.removeprefix("dpo-"))
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -172,6 +172,7 @@ def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int) -> dict[str, 
         "report_to": "none",
         "disable_tqdm": not sys.stderr.isatty(),
         "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,  # every LoRA weight is used: spare DDP its extra graph traversal
         "remove_unused_columns": True,
     }
 
@@ -205,6 +206,37 @@ def parity_check(args_a: dict[str, Any], args_b: dict[str, Any], *, prefix: str 
         elif _normal(args_a[key]) != _normal(args_b[key]):
             diffs.append(f"{name}: {args_a[key]!r} != {args_b[key]!r}")
     return diffs
+
+
+def launched_processes() -> int:
+    """How many processes ``accelerate launch`` / torchrun started (1 outside a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_parity(
+    cfg: DPOConfig,
+    *,
+    out_dir: Path,
+    seed: int,
+    reference_args: dict[str, Any] | None,
+    reference_lora: dict[str, Any] | None,
+    reference_processes: int | None = None,
+    processes: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This run's (trainer arguments, LoRA arguments); :class:`ParityError` if they, or the process
+    count (which multiplies the global batch), differ from the first run's."""
+    args = trainer_arguments(cfg, out_dir=out_dir, seed=seed)
+    lora = lora_arguments(cfg)
+    diffs: list[str] = []
+    if reference_args is not None:
+        diffs += parity_check(reference_args, args)
+    if reference_lora is not None:
+        diffs += parity_check(reference_lora, lora, prefix="lora.")
+    if None not in (reference_processes, processes) and reference_processes != processes:
+        diffs.append(f"num_processes: {reference_processes} != {processes} (the global batch differs)")
+    if diffs:
+        raise ParityError(diffs)
+    return args, lora
 
 
 def _normal(value: Any) -> Any:
@@ -411,6 +443,13 @@ class _RefCache:
         atomic_write_bytes(path, buf.getvalue())
 
 
+def _on_every_process(accelerator, flag: bool) -> bool:
+    import torch
+
+    n = accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), reduction="sum")
+    return int(n.item()) == accelerator.num_processes
+
+
 def _with_ref_columns(dataset, chosen, rejected):
     from datasets import Dataset, Features, Value, concatenate_datasets
 
@@ -464,18 +503,38 @@ def _trainer_class():
             ids = list(dataset["id"])
             cache.info.update({"key": key, "parts": parts, "path": str(path) if path else None})
             loaded = cache.load(path, key, ids)
-            if loaded is not None:
-                cache.info["hit"] = True
-                return _with_ref_columns(dataset, *loaded)
-            cache.info["hit"] = False
-            out = super()._precompute_ref_logps(dataset, name, batch_size)
-            import torch
+            if not _on_every_process(self.accelerator, loaded is not None):
+                loaded = None  # the miss branch is collective: every process must take it
+            cache.info["hit"] = loaded is not None
+            if loaded is None:
+                loaded = self._reference_logps(dataset, batch_size)
+                if self.accelerator.is_main_process:
+                    cache.save(path, key, parts, ids, *loaded)
+                self.accelerator.wait_for_everyone()
+            return _with_ref_columns(dataset, *loaded)
 
-            chosen = torch.tensor(out["ref_chosen_logps"], dtype=torch.float32)
-            rejected = torch.tensor(out["ref_rejected_logps"], dtype=torch.float32)
-            if self.accelerator.is_main_process:
-                cache.save(path, key, parts, ids, chosen, rejected)
-            return out
+        def _reference_logps(self, dataset, batch_size):
+            """TRL 1.16's reference pass (``DPOTrainer._precompute_ref_logps``) without its file cache: for
+            an in-memory dataset TRL writes that file from the main process into a per-process temporary
+            folder and reads it back on every process, which fails under several processes."""
+            import torch
+            from torch.utils.data import DataLoader
+            from trl.models import prepare_deepspeed
+
+            loader = self.accelerator.prepare(DataLoader(
+                dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+                num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
+            model = self.ref_model or self.model
+            if self.ref_model is None and self.is_deepspeed_enabled:  # ZeRO-3: gathers the sharded weights
+                if self._precompute_engine is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                model = self._precompute_engine
+            chosen, rejected = [], []
+            for batch in loader:
+                c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
+            return torch.cat(chosen), torch.cat(rejected)
 
     return CachedRefDPOTrainer
 
@@ -625,11 +684,14 @@ def train_dpo(
     cache_dir: str | Path | None = None,
     reference_args: dict[str, Any] | None = None,
     reference_lora: dict[str, Any] | None = None,
+    reference_processes: int | None = None,
 ) -> DPOResult:
     """Train one DPO run; save the adapter and ``training.json`` in ``out_dir``.
 
-    ``reference_args`` / ``reference_lora``: the first run's recorded ``trainer_args`` / ``lora_args``;
-    any difference other than the output path raises :class:`ParityError` before anything is loaded.
+    ``reference_args`` / ``reference_lora`` / ``reference_processes``: the first run's recorded
+    ``trainer_args`` / ``lora_args`` / ``num_processes``; any difference other than the output path
+    raises :class:`ParityError` before anything is loaded. Under ``accelerate launch`` every process
+    trains; only the main one writes (adapter, ``training.json``, reference cache).
     """
     import peft
     import torch
@@ -637,15 +699,9 @@ def train_dpo(
     import trl
 
     out_dir = Path(out_dir)
-    args = trainer_arguments(cfg, out_dir=out_dir, seed=seed)
-    lora = lora_arguments(cfg)
-    diffs: list[str] = []
-    if reference_args is not None:
-        diffs += parity_check(reference_args, args)
-    if reference_lora is not None:
-        diffs += parity_check(reference_lora, lora, prefix="lora.")
-    if diffs:
-        raise ParityError(diffs)
+    args, lora = check_parity(cfg, out_dir=out_dir, seed=seed, reference_args=reference_args,
+                              reference_lora=reference_lora, reference_processes=reference_processes,
+                              processes=launched_processes())
 
     started = time.perf_counter()
     setup = build_trainer(
@@ -674,11 +730,17 @@ def train_dpo(
         "rejected_truncated": data["rejected_truncated"],
         "ref_cache_hit": ref["hit"],
         "ref_forward_batches": trainer.ref_forward_batches,
+        "num_processes": trainer.accelerator.num_processes,
         "wall_time_s": round(wall, 3),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _quiet():
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out_dir)
+    accelerator = trainer.accelerator
+    # A collective under ZeRO-3 / FSDP (the adapter's shards are gathered): every process calls it.
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _quiet():
+            accelerator.unwrap_model(trainer.model).save_pretrained(out_dir, state_dict=state_dict)
+    del state_dict
     record = {
         "init": init,
         "base_model": model_spec,
@@ -709,7 +771,9 @@ def train_dpo(
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "torch": torch.__version__},
     }
-    atomic_write_json(out_dir / TRAINING_JSON, record)
+    if accelerator.is_main_process:
+        atomic_write_json(out_dir / TRAINING_JSON, record)
+    accelerator.wait_for_everyone()  # no process returns before the artifacts exist
     result = DPOResult(out_dir, metrics, setup.trainer_args, setup.lora_args)
     trainer.model = trainer.model_wrapped = None
     del setup, trainer

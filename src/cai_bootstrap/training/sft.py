@@ -321,14 +321,76 @@ def _register_adapter_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _save_adapter(model, out_dir: Path) -> None:
-    """save_pretrained into a temporary folder, then move each file into out_dir (each move atomic)."""
+def _save_adapter(model, out_dir: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained into a temporary folder, then move each file into out_dir (each move atomic).
+    ``state_dict``: the full one from ``accelerator.get_state_dict`` (ZeRO-3/FSDP: gathered)."""
     tmp = out_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     for p in sorted(tmp.iterdir()):
         os.replace(p, out_dir / p.name)
     tmp.rmdir()
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed / FSDP
+
+
+def _configure_deepspeed(accelerator, cfg: config_mod.SFTConfig) -> None:
+    """Fill what accelerate would take from a DataLoader, which this loop does not prepare: the
+    micro-batch is ``batch_size``. Accumulation must stay 1 (this loop accumulates by hand, while
+    DeepSpeed's engine steps after every backward), and no gradient clipping, as on the other
+    backends (accelerate would turn DeepSpeed's "auto" into 1.0)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    if cfg.gradient_accumulation_steps != 1:
+        raise ValueError(f"sft.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}: under DeepSpeed "
+                         f"keep it 1 and raise sft.batch_size or the number of processes instead")
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = 0.0
+
+
+def _gathered_fingerprint(model, gather, sample: int = 65536) -> str:
+    """:func:`models.loading.fingerprint`, computed one weight at a time inside ``gather(weight)``
+    (ZeRO-3: every process gathers each shard in turn, so the full weights are never all in memory)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict(keep_vars=True).items()):
+            with gather(t):
+                h.update(name.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(str(t.dtype).encode())
+                flat = t.detach().reshape(-1)
+                if flat.numel() > sample:
+                    flat = flat[:: max(1, flat.numel() // sample)][:sample]
+                data = flat.to("cpu").contiguous()
+                if data.dtype == torch.bfloat16:
+                    data = data.view(torch.int16)
+                h.update(data.numpy().tobytes())
+                if t.is_floating_point():
+                    h.update(repr(float(t.double().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+def _base_fingerprint(model, accelerator) -> str:
+    """The base fingerprint, the same on every process (each one checks the run key on resume).
+    ZeRO-3 (zero.Init) leaves each process a shard of every weight: gather them. Otherwise the main
+    process's value is broadcast (FSDP's cpu_ram_efficient_loading gives the weights to it alone)."""
+    from accelerate.utils import broadcast_object_list
+
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        import deepspeed
+
+        return _gathered_fingerprint(model, lambda t: deepspeed.zero.GatheredParameters(
+            [t] if hasattr(t, "ds_id") else []))
+    return broadcast_object_list([fingerprint(model) if accelerator.is_main_process else None])[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +442,7 @@ def train_sft(
     out_dir = Path(out_dir)
     # cpu=True where there is no GPU, so that torchrun / accelerate launch give multi-CPU (gloo) runs
     accelerator = Accelerator(step_scheduler_with_optimizer=False, cpu=default_device() == "cpu")
+    _configure_deepspeed(accelerator, cfg)
     main = accelerator.is_main_process
     nproc, pidx = accelerator.num_processes, accelerator.process_index
 
@@ -403,7 +466,7 @@ def train_sft(
                         allow_full_precision_fallback=allow_full_precision_fallback, dtype=dtype,
                         device=str(accelerator.device), trainable=True)
     model, prov = loaded.model, loaded.provenance
-    base_fingerprint = fingerprint(model)
+    base_fingerprint = _base_fingerprint(model, accelerator)
     if prov["quantization"] != "none":
         model = prepare_model_for_kbit_training(model)
     model.config.use_cache = False
@@ -552,10 +615,12 @@ def train_sft(
         "versions": _versions(),
     }
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3/FSDP: every process calls it
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _save_adapter(accelerator.unwrap_model(model), out_dir)
+        _save_adapter(accelerator.unwrap_model(model), out_dir, state_dict)
         atomic_write_json(out_dir / METRICS_FILE, metrics)
+    del state_dict
     accelerator.wait_for_everyone()
     if accelerator.device.type != "cpu":  # (a full gc.collect costs ~1 s and frees nothing on CPU)
         accelerator.free_memory()

@@ -1,0 +1,158 @@
+"""What a step generates with, wherever the generation runs.
+
+* ``generation.backend: hf`` (default): the model is loaded in this process and generates with
+  :class:`~cai_bootstrap.generation.engine.Engine`;
+* the same with an accelerate config (``--launcher accelerate``): every launched process loads the
+  model and generates a shard (:mod:`cai_bootstrap.generation.launched`); this process holds no model
+  meanwhile. Greedy results are byte-identical to one process (sampled ones are a deterministic
+  but different draw per process count: see generation/distributed.py);
+* ``generation.backend: vllm``: vLLM in this process, tensor parallel over
+  ``generation.tensor_parallel_size`` GPUs, on the adapter chain merged into one folder. vLLM
+  parallelises itself, so it ignores the accelerate config.
+
+The step's logic, QC and manifest stay in this process in every case. Steps that also score with the
+model (the sft-data critic, the pair margins) ask for :meth:`Generator.scoring_model`: the generating
+model itself when it lives here, otherwise one loaded here once generation is over.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import PipelineConfig
+from ..console import generation_progress
+from ..generation.engine import Decoding, Engine, Generation, GenerationStats
+from ..generation.launched import Job, LaunchedEngine, LaunchModel
+from ..generation.vllm_backend import BackendUnavailable, VLLMEngine, require_vllm
+from ..models.loading import LoadedModel, fingerprint, free, load_model, load_tokenizer, resolve
+
+
+def check_backend(config: PipelineConfig) -> None:
+    """Fail at the start of a step, in one line, when the configured backend cannot run here."""
+    if config.generation.backend == "vllm":
+        require_vllm()
+        if config.model.quantization != "none":
+            raise BackendUnavailable(f"generation.backend vllm needs model.quantization none (got "
+                                     f"{config.model.quantization}): vLLM loads the weights itself")
+
+
+class Generator:
+    """One model (``spec`` + ``adapters``, loaded as ``config.model`` says) to generate with.
+
+    ``load`` replaces how the weights are loaded in this process (tests inject one); ``work_dir`` holds
+    the launch requests and vLLM's merged weights while they are needed.
+    """
+
+    def __init__(self, config: PipelineConfig, *, spec: str | None = None, adapters: Sequence[str | Path] = (),
+                 batch_size: int | None = None, accelerate_config: Path | None = None,
+                 work_dir: Path | None = None, load: Callable[[], LoadedModel] | None = None):
+        check_backend(config)
+        m = config.model
+        self.config = config
+        self.spec = spec or m.base
+        self.adapters = [str(a) for a in adapters]
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
+        self._load = load or (lambda: load_model(self.spec, quantization=m.quantization, dtype=m.dtype,
+                                                 adapters=self.adapters,
+                                                 allow_full_precision_fallback=m.allow_full_precision_fallback))
+        batch_size = batch_size or config.generation.batch_size
+        self.loaded: LoadedModel | None = None  # the HF model in this process, if any
+        self._facts: dict[str, Any] | None = None  # provenance and fingerprint of the generating weights
+        self._merged: Path | None = None
+        self.engine: Engine | LaunchedEngine | VLLMEngine
+        if config.generation.backend == "vllm":
+            self.engine = self._vllm_engine()
+            self.runtime = {"backend": "vllm", "tensor_parallel_size": config.generation.tensor_parallel_size}
+        elif accelerate_config is not None:
+            self.engine = LaunchedEngine(LaunchModel(self.spec, tuple(self.adapters), m.quantization, m.dtype,
+                                                     m.allow_full_precision_fallback, batch_size, m.add_bos_token),
+                                         Path(accelerate_config), self.work_dir)
+            self.runtime = {"backend": "hf", "accelerate_config": str(accelerate_config)}
+        else:
+            self.loaded = self._load()
+            self.engine = Engine(self.loaded.model, self.loaded.tokenizer, batch_size=batch_size,
+                                 add_bos=m.add_bos_token)
+            self.runtime = {"backend": "hf", "processes": 1}
+
+    def _vllm_engine(self) -> VLLMEngine:
+        # The HF load gives the fingerprint (isolation checks compare it with HF-loaded base weights)
+        # and, with adapters, the merged chain that vLLM then serves.
+        loaded = self._load()
+        self._facts = {"provenance": loaded.provenance, "fingerprint": fingerprint(loaded.model)}
+        folder, tokenizer = loaded.resolved.path, loaded.tokenizer
+        if self.adapters:
+            folder = self._merged = self.work_dir / f"vllm-merged-{self._facts['fingerprint']}"
+            loaded.model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        free(loaded)
+        g = self.config.generation
+        return VLLMEngine.load(folder, tokenizer, tensor_parallel_size=g.tensor_parallel_size,
+                               dtype=self.config.model.dtype, add_bos=self.config.model.add_bos_token)
+
+    def generate(self, prompts: Sequence[str], decoding: Decoding, label: str = "generate") -> list[Generation]:
+        return self.generate_many([(prompts, decoding)], label)[0]
+
+    def generate_many(self, jobs: Sequence[Job], label: str = "generate") -> list[list[Generation]]:
+        """Each (prompts, decoding) job in order; launched, all in one launch (one model load)."""
+        with generation_progress(sum(len(p) for p, _ in jobs), label) as progress:
+            if isinstance(self.engine, LaunchedEngine):
+                gens = self.engine.generate_many(jobs, progress)
+                self.runtime["processes"] = self.engine.loaded["processes"]
+                return gens
+            return [self.engine.generate(p, d, progress) for p, d in jobs]
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.engine.stats
+
+    def _model_facts(self) -> dict[str, Any]:
+        if self._facts is None:
+            if isinstance(self.engine, LaunchedEngine):
+                if not self.engine.loaded:
+                    self.engine.generate_many([])  # a launch that only loads
+                self._facts = {k: self.engine.loaded[k] for k in ("provenance", "fingerprint")}
+            else:
+                self._facts = {"provenance": self.loaded.provenance, "fingerprint": fingerprint(self.loaded.model)}
+        return self._facts
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """``LoadedModel.provenance`` of the weights that generated (from launched process 0 if launched)."""
+        return self._model_facts()["provenance"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self._model_facts()["fingerprint"]
+
+    @property
+    def tokenizer(self):
+        if self.loaded is not None:
+            return self.loaded.tokenizer
+        return getattr(self.engine, "tokenizer", None) or load_tokenizer(resolve(self.spec).path)
+
+    def scoring_model(self) -> LoadedModel:
+        """The same weights as an HF model in this process, for log-probabilities."""
+        if self.loaded is None:
+            self._model_facts()
+            if isinstance(self.engine, VLLMEngine):
+                self.engine.close()  # give the GPU back before loading here
+            self.loaded = self._load()
+        return self.loaded
+
+    def close(self) -> None:
+        if isinstance(self.engine, VLLMEngine):
+            self.engine.close()
+        free(self.loaded)
+        self.loaded = None
+        if self._merged is not None:
+            shutil.rmtree(self._merged, ignore_errors=True)
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
