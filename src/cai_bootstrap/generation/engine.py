@@ -100,29 +100,91 @@ def _eos_ids(tokenizer) -> set[int]:
     return set(ids) if isinstance(ids, list) else {ids}
 
 
-def _stop_criteria(tokenizer, stops: Sequence[str], prompt_width: int):
-    """Stop a sequence once its completion's decoded tail contains a stop string.
+def _hits_stop(tokenizer, completion: Sequence[int], stops: Sequence[str], window: int) -> bool:
+    """Whether the decoded tail of a completion contains a stop string.
 
-    Decoding only a tail window keeps this cheap; the window is wide enough for the longest stop
-    string even at one character per token.
+    Only a tail window is decoded (cheap); it is wide enough for the longest stop string even at
+    one character per token, so a stop string split across tokens is still seen.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    tail = tokenizer.decode(completion[-window:], skip_special_tokens=False)
+    return any(s in tail for s in stops)
 
-    window = max(len(s) for s in stops) + 2
 
-    class StopOnStrings(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            import torch
+def _pick(logits, decoding: Decoding, generator):
+    """Next token per row: argmax (greedy), or a temperature / nucleus (top-p) sample."""
+    import torch
 
-            tails = tokenizer.batch_decode(input_ids[:, max(prompt_width, input_ids.shape[1] - window):])
-            return torch.tensor([any(s in t for s in stops) for t in tails], device=input_ids.device)
+    if decoding.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / decoding.temperature, dim=-1)
+    if decoding.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token always survives)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= decoding.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    return StoppingCriteriaList([StopOnStrings()])
+
+def _preallocated_layer(capacity: int):
+    """A KV-cache layer written in place into a buffer sized for the whole generation.
+
+    transformers' DynamicLayer appends with ``torch.cat``, copying the whole cache every decode
+    step (O(length) per token); here a step writes one slot and the attention sees a view.
+    ``batch_select_indices`` (dropping finished rows) is the only copy.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states) -> None:
+            b, h, _, d = key_states.shape
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self._k = key_states.new_empty((b, h, capacity, d))
+            self._v = value_states.new_empty((b, h, capacity, value_states.shape[-1]))
+            self.length = 0
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            if self.length + n > capacity:
+                raise RuntimeError(f"KV cache of {capacity} positions overflowed")
+            self._k[:, :, self.length:self.length + n].copy_(key_states)
+            self._v[:, :, self.length:self.length + n].copy_(value_states)
+            self.length += n
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def batch_select_indices(self, indices) -> None:
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    return PreallocatedLayer
+
+
+def _new_cache(model, capacity: int):
+    """Preallocated layers for plain full-attention models; transformers' own cache otherwise."""
+    from transformers.cache_utils import Cache, DynamicCache
+
+    config = model.config.get_text_config(decoder=True)
+    if set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}:
+        return Cache(layer_class_to_replicate=_preallocated_layer(capacity))
+    return DynamicCache(config=model.config)
 
 
 @dataclass
 class Engine:
-    """Generation over one loaded model. ``progress`` is called with (done_prompts, new_tokens)."""
+    """Generation over one loaded model. ``progress`` is called with (done_prompts, new_tokens).
+
+    Our own decode loop rather than ``model.generate``: a preallocated KV cache, and rows that
+    finish (EOS or a stop string) leave the batch at once, so the remaining rows stop paying for
+    them. Greedy output equals one-prompt-at-a-time output (tested).
+    """
 
     model: Any
     tokenizer: Any
@@ -132,54 +194,68 @@ class Engine:
 
     def generate(self, prompts: Sequence[str], decoding: Decoding,
                  progress: Callable[[int, int], None] | None = None) -> list[Generation]:
-        import torch
-
         encoded = encode_prompts(self.tokenizer, prompts, self.add_bos)
         results: list[Generation | None] = [None] * len(prompts)
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id
         stops = tuple(decoding.stop_strings)
         for b, batch in enumerate(length_batches([len(e) for e in encoded], self.batch_size)):
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids = encoded[i]
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention[row, width - len(ids):] = 1
-            kwargs: dict[str, Any] = dict(
-                max_new_tokens=decoding.max_new_tokens,
-                do_sample=not decoding.greedy,
-                pad_token_id=pad,
-                eos_token_id=sorted(_eos_ids(self.tokenizer)),
-                use_cache=True,
-            )
-            if stops:
-                kwargs["stopping_criteria"] = _stop_criteria(self.tokenizer, stops, width)
-            if decoding.greedy:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            else:
-                kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
-                torch.manual_seed(decoding.seed * 100003 + b)
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
-                )
+            completions = self._decode([encoded[i] for i in batch], decoding, seed=decoding.seed * 100003 + b)
             elapsed = time.perf_counter() - t0
             new_tokens = 0
-            for row, i in enumerate(batch):
-                gen = out[row, width:].tolist()
-                while gen and gen[-1] == pad:  # finished rows are padded to the batch's length
-                    gen.pop()
-                results[i] = finish(self.tokenizer, gen, stops, len(encoded[i]))
+            for i, completion in zip(batch, completions, strict=True):
+                results[i] = finish(self.tokenizer, completion, stops, len(encoded[i]))
                 new_tokens += results[i].completion_tokens
             self.stats.prompts += len(batch)
             self.stats.completion_tokens += new_tokens
             self.stats.seconds += elapsed
             self.stats.batches += 1
             self.stats.prompt_tokens += sum(len(encoded[i]) for i in batch)
-            self.stats.padded_prompt_tokens += width * len(batch)
+            self.stats.padded_prompt_tokens += max(len(encoded[i]) for i in batch) * len(batch)
             if progress:
                 progress(len(batch), new_tokens)
         return results  # type: ignore[return-value]
+
+    def _decode(self, rows: Sequence[Sequence[int]], decoding: Decoding, seed: int) -> list[list[int]]:
+        """Completion ids per row (an EOS that ended a row included), from one left-padded batch."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        generator = None if decoding.greedy else torch.Generator(device=device).manual_seed(seed)
+        eos = _eos_ids(self.tokenizer)
+        stops = tuple(decoding.stop_strings)
+        window = max((len(s) for s in stops), default=0) + 2
+        cache = _new_cache(self.model, width + decoding.max_new_tokens)
+        completions: list[list[int]] = [[] for _ in rows]
+        live = list(range(len(rows)))  # the original row of each row still in the batch
+        next_position = positions[:, -1:] + 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            for step in range(decoding.max_new_tokens):
+                tokens = _pick(logits, decoding, generator)
+                keep = []
+                for slot, token in enumerate(tokens.tolist()):
+                    done = completions[live[slot]]
+                    done.append(token)
+                    if not (token in eos or stops and _hits_stop(self.tokenizer, done, stops, window)):
+                        keep.append(slot)
+                if not keep or step == decoding.max_new_tokens - 1:
+                    break
+                if len(keep) < len(live):  # finished rows leave the batch
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    tokens, attention, next_position = tokens[index], attention[index], next_position[index]
+                    live = [live[s] for s in keep]
+                attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+                logits = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position,
+                                    past_key_values=cache, use_cache=True).logits[:, -1]
+                next_position = next_position + 1
+        return completions
