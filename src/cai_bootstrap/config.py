@@ -108,6 +108,9 @@ class SFTConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=16)
+    packing: bool = True
+    """Pack each micro-batch's examples into rows of max_length tokens (padding-free; attention stays
+    within each example). Same loss as padded rows; off: one right-padded row per example."""
     eval_share: float = Field(0.1, ge=0, lt=1)
     max_drop_share: float = Field(0.01, ge=0, le=1)
     """Fail if more than this share of examples is dropped by masking (unfindable boundary, too long)."""

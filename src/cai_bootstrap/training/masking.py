@@ -506,6 +506,60 @@ class ResponseOnlyCollator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 
+@dataclass
+class PackedCollator:
+    """Packs examples end to end into rows of at most ``row_tokens`` tokens: padding-free batches.
+
+    Rows are filled first-fit, longest example first; only a row's tail is padded. Each example's
+    ``position_ids`` restart at 0, and no attention mask is returned to the model: transformers
+    then reads the restarts as sequence boundaries and attends within each example only (a
+    block-diagonal causal mask), so a packed row computes what separate padded rows compute
+    (tested). The tail padding is one more block that no real token sees. ``attention_mask`` (1 on
+    real tokens) is returned for counting only.
+
+    The position after an example's last token is the next example's first token, which must be
+    unsupervised (it is: every example starts with its prompt), or one example would be trained
+    to predict another.
+    """
+
+    pad_token_id: int
+    row_tokens: int
+
+    def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
+        import torch
+
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        examples = [(list(_field(f, "input_ids")), list(_field(f, "labels"))) for f in features]
+        for n, (ids, labels) in enumerate(examples):
+            if len(ids) != len(labels):
+                raise ValueError(f"example {n}: input_ids and labels differ in length")
+            if not labels or labels[0] != IGNORE_INDEX:
+                raise ValueError(f"example {n}: its first token is supervised, so it cannot be packed")
+        capacity = max(self.row_tokens, max(len(ids) for ids, _ in examples))
+        rows: list[list[int]] = []  # example indices per row
+        room: list[int] = []
+        for n in sorted(range(len(examples)), key=lambda k: (-len(examples[k][0]), k)):
+            size = len(examples[n][0])
+            row = next((r for r, free in enumerate(room) if free >= size), None)
+            if row is None:
+                rows.append([])
+                room.append(capacity)
+                row = len(rows) - 1
+            rows[row].append(n)
+            room[row] -= size
+        width = max(capacity - free for free in room)
+        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
+        for members in rows:
+            ids = [t for n in members for t in examples[n][0]]
+            pad = width - len(ids)
+            out["input_ids"].append(ids + [self.pad_token_id] * pad)
+            out["labels"].append([t for n in members for t in examples[n][1]] + [IGNORE_INDEX] * pad)
+            out["position_ids"].append([p for n in members for p in range(len(examples[n][0]))] + list(range(pad)))
+            out["attention_mask"].append([1] * len(ids) + [0] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
 def supervised_token_count(batch: Mapping[str, Any]) -> int:
     """How many label positions in a batch carry loss (labels != -100)."""
     return int((batch["labels"] != IGNORE_INDEX).sum())

@@ -70,7 +70,7 @@ from .. import config as config_mod
 from ..console import console
 from ..files import atomic_write_json, sha256_text
 from ..models.loading import default_device, fingerprint, load_model, load_tokenizer, resolve
-from .masking import IGNORE_INDEX, Encoded, MaskingError, ResponseOnlyCollator, encode_dataset
+from .masking import IGNORE_INDEX, Encoded, MaskingError, PackedCollator, ResponseOnlyCollator, encode_dataset
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -139,7 +139,7 @@ def shard(micro_batches: Sequence[list[int]], num_processes: int, process_index:
     return mine + [None] * (n - len(mine))
 
 
-def _collate(collator: ResponseOnlyCollator, examples: Sequence[Encoded], idx: Sequence[int], device) -> dict[str, Any]:
+def _collate(collator: ResponseOnlyCollator | PackedCollator, examples: Sequence[Encoded], idx: Sequence[int], device) -> dict[str, Any]:
     batch = collator([examples[i] for i in idx])
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -171,8 +171,10 @@ def _forward_loss(model, batch):
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][keep[:, :-1]]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                logits_to_keep=keep)
+    # packed rows carry position_ids and must not pass a mask (see masking.PackedCollator)
+    inputs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else \
+        {"attention_mask": batch["attention_mask"]}
+    out = model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=keep, **inputs)
     logits = out.logits
     if logits.dim() == 3:  # a model that returned every position
         logits = logits[keep]
@@ -482,7 +484,8 @@ def train_sft(
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     _register_adapter_hooks(accelerator)
-    collator = ResponseOnlyCollator(pad_token_id=tokenizer.pad_token_id)
+    collator = (PackedCollator(tokenizer.pad_token_id, row_tokens=cfg.max_length) if cfg.packing
+                else ResponseOnlyCollator(pad_token_id=tokenizer.pad_token_id))
 
     # Everything that determines the weights; resuming from a checkpoint with another key is refused.
     run_key = sha256_text(json.dumps({
