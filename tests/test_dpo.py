@@ -290,3 +290,43 @@ def test_ref_cache_key_parts():
     for change in ({"ref_fingerprint": "g"}, {"max_length": 64}, {"add_bos": True},
                    {"pairs_digest": dpo.pairs_sha(make_pairs(3, tweak="!"))}):
         assert dpo.ref_cache_key(**{**kw, **change})[0] != key
+
+
+# --- padding-free forward -----------------------------------------------------------------------
+
+
+def test_packed_forward_gives_trls_padded_loss_and_gradients(tiny_model_folder, tmp_path):
+    """dpo.packing only changes speed: the same loss, metrics and LoRA gradients as TRL's own forward."""
+    import torch
+
+    pairs = make_pairs(8)
+    results = {}
+    for packing in (False, True):
+        torch.manual_seed(0)
+        setup = build_trainer("base", str(tiny_model_folder), pairs, small_cfg(packing=packing),
+                              out_dir=tmp_path / str(packing), seed=0)
+        trainer = setup.trainer
+        assert trainer.packed == packing
+        model = trainer.model
+        torch.manual_seed(1)
+        with torch.no_grad():  # a policy away from the reference, so every term has a gradient
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.05)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+        assert int(batch["attention_mask"].sum()) < 0.8 * batch["attention_mask"].numel()  # padding to save
+        model.train()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results[packing] = (float(loss.detach()), grads, metrics, list(trainer.train_dataset["ref_chosen_logps"]))
+    (l0, g0, m0, r0), (l1, g1, m1, r1) = results[False], results[True]
+    assert _close(r0, r1, 1e-4)  # the reference pass, packed
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert g0.keys() == g1.keys() and g0
+    for k in g0:
+        assert float((g1[k] - g0[k]).norm() / g0[k].norm()) < 1e-4, k
+    for k in ("rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy"):
+        if k in m0:
+            assert m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-5), k

@@ -159,6 +159,9 @@ class DPOConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(256, ge=16)
     precompute_ref_log_probs: bool = True
+    packing: bool = True
+    """Run TRL's forwards padding-free (chosen and rejected packed into rows of the batch's width) and
+    project only completion tokens onto the vocabulary; same log-probs as TRL's padded forward."""
     logging_steps: int = Field(5, ge=1)
 
 

@@ -475,9 +475,11 @@ def _trainer_class():
     class CachedRefDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer with our data checks and an on-disk reference log-probability cache."""
 
-        def __init__(self, *args, data_policy: _DataPolicy, ref_cache: _RefCache, **kwargs):
+        def __init__(self, *args, data_policy: _DataPolicy, ref_cache: _RefCache, packing: bool, **kwargs):
             self.data_policy = data_policy
             self.ref_cache = ref_cache
+            self.packing = packing
+            self.packed = False
             self.ref_forward_batches = 0
             kwargs.setdefault("callbacks", []).append(LogLastStep())
             super().__init__(*args, **kwargs)
@@ -492,9 +494,35 @@ def _trainer_class():
             prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             return self.data_policy.apply(prepared, n_in)
 
+        def _packed_model(self):
+            """The model whose forward TRL patched (the base under PEFT), with packed forwards
+            (training/packing.py) installed on first use; None when packing is off or unsupported."""
+            from peft import PeftModel
+
+            from .packing import install_packed_lm_head
+
+            model = self.accelerator.unwrap_model(self.model)
+            model = model.get_base_model() if isinstance(model, PeftModel) else model
+            if self.packing and not self.packed:
+                fields = ("log_probs", "entropy", "mean_logits", "is_top1") + (
+                    ("log_sum_sq_probs",) if self.use_weighting else ())
+                self.packed = install_packed_lm_head(model, fields)
+            return model if self.packed else None
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            self._packed_model()
+            return super()._compute_loss(model, inputs, return_outputs)
+
         def compute_ref_log_probs(self, model, inputs):
             self.ref_forward_batches += 1
-            return super().compute_ref_log_probs(model, inputs)
+            packed = self._packed_model()
+            if packed is None:
+                return super().compute_ref_log_probs(model, inputs)
+            fields, packed._packed_outputs = packed._packed_outputs, ("log_probs",)  # TRL reads nothing else
+            try:
+                return super().compute_ref_log_probs(model, inputs)
+            finally:
+                packed._packed_outputs = fields
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             cache = self.ref_cache
@@ -658,6 +686,7 @@ def build_trainer(
             peft_config=LoraConfig(**lora),
             data_policy=policy,
             ref_cache=cache,
+            packing=cfg.packing,
         )
     return DPOSetup(trainer, args, lora, provenance)
 

@@ -47,8 +47,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..formats import END_SUFFIX, RESPONSE_SEPARATOR, completion_for
+from .packing import IGNORE_INDEX, first_fit_rows
 
-IGNORE_INDEX = -100
+
 DEFAULT_MIN_PROMPT_TOKENS = 16
 
 # Reasons an example is dropped (the keys of encode_dataset's counts).
@@ -536,19 +537,8 @@ class PackedCollator:
                 raise ValueError(f"example {n}: input_ids and labels differ in length")
             if not labels or labels[0] != IGNORE_INDEX:
                 raise ValueError(f"example {n}: its first token is supervised, so it cannot be packed")
-        capacity = max(self.row_tokens, max(len(ids) for ids, _ in examples))
-        rows: list[list[int]] = []  # example indices per row
-        room: list[int] = []
-        for n in sorted(range(len(examples)), key=lambda k: (-len(examples[k][0]), k)):
-            size = len(examples[n][0])
-            row = next((r for r, free in enumerate(room) if free >= size), None)
-            if row is None:
-                rows.append([])
-                room.append(capacity)
-                row = len(rows) - 1
-            rows[row].append(n)
-            room[row] -= size
-        width = max(capacity - free for free in room)
+        rows = first_fit_rows([len(ids) for ids, _ in examples], self.row_tokens)
+        width = max(sum(len(examples[n][0]) for n in members) for members in rows)
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
         for members in rows:
             ids = [t for n in members for t in examples[n][0]]

@@ -1,0 +1,126 @@
+"""Padding-free packing: several sequences end to end in one row, each attending to itself only.
+
+Rows carry ``position_ids`` that restart at 0 for every sequence and no attention mask;
+transformers (5.x, ``masking_utils.find_packed_sequence_indices``) reads the restarts as sequence
+boundaries and builds a block-diagonal causal mask. The position after a sequence's last token is
+the next sequence's first token, so that label must be unsupervised (every example here starts
+with its prompt).
+
+:func:`install_packed_lm_head` applies this inside TRL's DPOTrainer: TRL pads chosen and rejected
+sequences to one width and, on a CPU, projects every position onto the vocabulary; the packed
+forward runs the backbone on real tokens only and the LM head on completion tokens only, then
+puts the per-token results back in TRL's padded layout, so TRL's loss code is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+def first_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into rows of at most ``capacity`` tokens (first fit, longest first; a
+    sequence longer than ``capacity`` gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(max(capacity, lengths[i]))
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def pack(sequences: Sequence[Sequence[int]], capacity: int, pad_id: int):
+    """(input_ids, position_ids, starts) of the packed rows, as long tensors; ``starts[i]`` is the
+    flat index (row * width + offset) where sequence i begins. Row tails are padding, a block of
+    their own that no real token sees."""
+    import torch
+
+    rows = first_fit_rows([len(s) for s in sequences], capacity)
+    width = max(sum(len(sequences[i]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    starts = [0] * len(sequences)
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            n = len(sequences[i])
+            ids[r, offset:offset + n] = torch.as_tensor(list(sequences[i]))
+            positions[r, offset:offset + n] = torch.arange(n)
+            starts[i] = r * width + offset
+            offset += n
+        positions[r, offset:] = torch.arange(width - offset)
+    return ids, positions, starts
+
+
+def install_packed_lm_head(model: Any, outputs: tuple[str, ...]) -> bool:
+    """Wrap the forward that TRL's ``add_fused_lm_head`` installed on ``model`` (the base model, under
+    PEFT) so that ``fused_lm_head=True`` calls run packed. Returns False (and changes nothing) for
+    models whose logits TRL scales or soft-caps, which this forward does not reproduce.
+
+    ``outputs`` are the per-token fields computed; ``model._packed_outputs`` may be narrowed for a
+    while (the reference pass needs ``log_probs`` only)."""
+    import types
+
+    config = model.config.get_text_config()
+    if any(getattr(config, k, None) is not None for k in
+           ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")):
+        return False
+    if getattr(model, "_packed_lm_head", False):
+        return True
+    fused_forward = model.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if not fused_lm_head or args or labels is None or mask is None or not _right_padded(mask) \
+                or kwargs.get("position_ids") is not None or kwargs.get("shift_labels") is not None:
+            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        return _packed_fused_forward(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask"), labels,
+                                     self._packed_outputs, kwargs)
+
+    model.forward = types.MethodType(forward, model)
+    model._packed_lm_head = True
+    model._packed_outputs = outputs
+    return True
+
+
+def _right_padded(mask) -> bool:
+    """Every row is ones then zeros (TRL's DPO collator pads on the right)."""
+    lengths = mask.sum(dim=1, keepdim=True)
+    import torch
+
+    return bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths).to(mask.dtype)).all())
+
+
+def _packed_fused_forward(model, input_ids, attention_mask, labels, outputs: tuple[str, ...], kwargs: dict):
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
+
+    kwargs.pop("num_items_in_batch", None)
+    kwargs["use_cache"] = False
+    device = input_ids.device
+    lengths = attention_mask.sum(dim=1).tolist()
+    sequences = [input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    ids, positions, starts = pack(sequences, capacity=input_ids.shape[1], pad_id=0)
+    hidden = model.base_model(input_ids=ids.to(device), position_ids=positions.to(device), **kwargs).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    # TRL's layout: position t of row i predicts labels[i, t + 1]; score only those that are supervised
+    next_labels = labels[:, 1:]
+    label_mask = next_labels != IGNORE_INDEX
+    rows, cols = label_mask.nonzero(as_tuple=True)
+    flat = torch.as_tensor(starts, device=device)[rows] + cols  # the same token in the packed rows
+    lm_head = model.get_output_embeddings()
+    per_token = ChunkedLogProbFunction.apply(hidden[flat], lm_head.weight, lm_head.bias, next_labels[label_mask],
+                                             1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+        None if x is None else x.new_zeros(label_mask.shape).masked_scatter(label_mask, x) for x in per_token)
+    loss = -log_probs.sum() / label_mask.sum().clamp(min=1)
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+                               mean_logits=mean_logits, is_top1=is_top1, label_mask=label_mask)
