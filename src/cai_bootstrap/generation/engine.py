@@ -126,6 +126,9 @@ def _pick(logits, decoding: Decoding, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+PREFILL_ROWS = 16  # prompts prefilled together: similar lengths (rows come sorted), little padding
+
+
 def _preallocated_layer(capacity: int):
     """A KV-cache layer written in place into a buffer sized for the whole generation.
 
@@ -136,13 +139,23 @@ def _preallocated_layer(capacity: int):
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
-        def lazy_initialization(self, key_states, value_states) -> None:
-            b, h, _, d = key_states.shape
-            self.dtype, self.device = key_states.dtype, key_states.device
-            self._k = key_states.new_empty((b, h, capacity, d))
-            self._v = value_states.new_empty((b, h, capacity, value_states.shape[-1]))
+        def allocate(self, like, batch: int) -> None:
+            b, h, _, d = like.shape
+            self.dtype, self.device = like.dtype, like.device
+            self._k = like.new_zeros((batch, h, capacity, d))
+            self._v = like.new_zeros((batch, h, capacity, d))
             self.length = 0
             self.is_initialized = True
+
+        def place(self, rows: slice, keys, values, end: int) -> None:
+            """Prefilled keys/values of some rows, right-aligned to end at position ``end``."""
+            self._k[rows, :, end - keys.shape[-2]:end] = keys
+            self._v[rows, :, end - values.shape[-2]:end] = values
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.allocate(key_states, key_states.shape[0])
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -167,14 +180,29 @@ def _preallocated_layer(capacity: int):
     return PreallocatedLayer
 
 
-def _new_cache(model, capacity: int):
-    """Preallocated layers for plain full-attention models; transformers' own cache otherwise."""
-    from transformers.cache_utils import Cache, DynamicCache
+def _preallocated_cache(model, capacity: int):
+    """Preallocated layers for plain full-attention models; None for others (sliding windows...)."""
+    from transformers.cache_utils import Cache
 
     config = model.config.get_text_config(decoder=True)
-    if set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}:
-        return Cache(layer_class_to_replicate=_preallocated_layer(capacity))
-    return DynamicCache(config=model.config)
+    if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return None
+    layer = _preallocated_layer(capacity)
+    return Cache(layers=[layer() for _ in range(config.num_hidden_layers)])
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad: int, device):
+    """(input_ids, attention_mask, position_ids) of rows left-padded to the longest."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention.to(device), positions.to(device)
 
 
 @dataclass
@@ -215,30 +243,56 @@ class Engine:
                 progress(len(batch), new_tokens)
         return results  # type: ignore[return-value]
 
+    def _prefill(self, rows: Sequence[Sequence[int]], capacity: int, device):
+        """The prompts' KV cache and last-position logits.
+
+        With a preallocated cache, prompts are prefilled ``PREFILL_ROWS`` at a time, each group
+        padded only to its own longest prompt, and placed right-aligned in the batch's cache (the
+        attention mask hides the rest): the prompt padding of one wide batch is never computed.
+        """
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        cache = _preallocated_cache(self.model, capacity)
+        pad = self.tokenizer.pad_token_id
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+            ids, attention, positions = _left_padded(rows, pad, device)
+            logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            return cache, logits
+        width = max(len(r) for r in rows)
+        logits = []
+        for start in range(0, len(rows), PREFILL_ROWS):
+            group = rows[start:start + PREFILL_ROWS]
+            ids, attention, positions = _left_padded(group, pad, device)
+            part = DynamicCache()
+            logits.append(self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                     past_key_values=part, use_cache=True, logits_to_keep=1).logits[:, -1])
+            for layer, filled in zip(cache.layers, part.layers, strict=True):
+                if not layer.is_initialized:
+                    layer.allocate(filled.keys, len(rows))
+                layer.place(slice(start, start + len(group)), filled.keys, filled.values, end=width)
+        return cache, torch.cat(logits)
+
     def _decode(self, rows: Sequence[Sequence[int]], decoding: Decoding, seed: int) -> list[list[int]]:
         """Completion ids per row (an EOS that ended a row included), from one left-padded batch."""
         import torch
 
         device = next(self.model.parameters()).device
         width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long, device=device)
         for row, ids in enumerate(rows):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention[row, width - len(ids):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        next_position = torch.tensor([[len(r)] for r in rows], device=device)
         generator = None if decoding.greedy else torch.Generator(device=device).manual_seed(seed)
         eos = _eos_ids(self.tokenizer)
         stops = tuple(decoding.stop_strings)
         window = max((len(s) for s in stops), default=0) + 2
-        cache = _new_cache(self.model, width + decoding.max_new_tokens)
         completions: list[list[int]] = [[] for _ in rows]
         live = list(range(len(rows)))  # the original row of each row still in the batch
-        next_position = positions[:, -1:] + 1
         with torch.inference_mode():
-            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            cache, logits = self._prefill(rows, width + decoding.max_new_tokens, device)
             for step in range(decoding.max_new_tokens):
                 tokens = _pick(logits, decoding, generator)
                 keep = []
