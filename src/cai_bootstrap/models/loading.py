@@ -199,29 +199,41 @@ def apply_adapter(model, adapter_dir: str, merge: bool):
     return peft_model.merge_and_unload() if merge else peft_model
 
 
-def fingerprint(model, sample: int = 65536) -> str:
+def fingerprint(model, sample: int = 65536, gather=None) -> str:
     """A hash of the weights the model actually holds: name, shape, dtype and a strided sample of
     values per tensor (full tensors up to ``sample`` elements). Any merged adapter or in-place edit of
     a weight matrix changes it; hashing a strided sample keeps it fast for 30B-parameter models.
+
+    ``gather(tensor)``: a context in which a sharded tensor is whole (ZeRO-3 gathers one weight at a
+    time, so the full weights are never all in memory at once).
     """
+    import contextlib
+
     import torch
 
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, t in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(str(t.dtype).encode())
-            flat = t.detach().reshape(-1)
-            if flat.numel() > sample:
-                flat = flat[:: max(1, flat.numel() // sample)][:sample]
-            data = flat.to("cpu").contiguous()
-            if data.dtype == torch.bfloat16:
-                data = data.view(torch.int16)
-            h.update(data.numpy().tobytes())
-            if t.is_floating_point():
-                h.update(repr(float(t.double().sum())).encode())
+        for name, t in sorted(model.state_dict(keep_vars=True).items()):
+            with gather(t) if gather is not None else contextlib.nullcontext():
+                _hash_tensor(h, name, t.detach(), sample)
     return h.hexdigest()[:16]
+
+
+def _hash_tensor(h, name: str, t, sample: int) -> None:
+    import torch
+
+    h.update(name.encode())
+    h.update(str(tuple(t.shape)).encode())
+    h.update(str(t.dtype).encode())
+    flat = t.reshape(-1)
+    if flat.numel() > sample:
+        flat = flat[:: max(1, flat.numel() // sample)][:sample]
+    data = flat.to("cpu").contiguous()
+    if data.dtype == torch.bfloat16:
+        data = data.view(torch.int16)
+    h.update(data.numpy().tobytes())
+    if t.is_floating_point():
+        h.update(repr(float(t.double().sum())).encode())
 
 
 def free(loaded: LoadedModel | None) -> None:

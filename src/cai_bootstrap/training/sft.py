@@ -355,32 +355,6 @@ def _configure_deepspeed(accelerator, cfg: config_mod.SFTConfig) -> None:
         ds["gradient_clipping"] = 0.0
 
 
-def _gathered_fingerprint(model, gather, sample: int = 65536) -> str:
-    """:func:`models.loading.fingerprint`, computed one weight at a time inside ``gather(weight)``
-    (ZeRO-3: every process gathers each shard in turn, so the full weights are never all in memory)."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in sorted(model.state_dict(keep_vars=True).items()):
-            with gather(t):
-                h.update(name.encode())
-                h.update(str(tuple(t.shape)).encode())
-                h.update(str(t.dtype).encode())
-                flat = t.detach().reshape(-1)
-                if flat.numel() > sample:
-                    flat = flat[:: max(1, flat.numel() // sample)][:sample]
-                data = flat.to("cpu").contiguous()
-                if data.dtype == torch.bfloat16:
-                    data = data.view(torch.int16)
-                h.update(data.numpy().tobytes())
-                if t.is_floating_point():
-                    h.update(repr(float(t.double().sum())).encode())
-    return h.hexdigest()[:16]
-
-
 def _base_fingerprint(model, accelerator) -> str:
     """The base fingerprint, the same on every process (each one checks the run key on resume).
     ZeRO-3 (zero.Init) leaves each process a shard of every weight: gather them. Otherwise the main
@@ -390,7 +364,7 @@ def _base_fingerprint(model, accelerator) -> str:
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         import deepspeed
 
-        return _gathered_fingerprint(model, lambda t: deepspeed.zero.GatheredParameters(
+        return fingerprint(model, gather=lambda t: deepspeed.zero.GatheredParameters(
             [t] if hasattr(t, "ds_id") else []))
     return broadcast_object_list([fingerprint(model) if accelerator.is_main_process else None])[0]
 
