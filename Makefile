@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/training.py --steps 4
 	$(BIN)/python bench/evaluation.py
+	$(BIN)/python bench/matmul.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
