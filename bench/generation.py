@@ -26,7 +26,7 @@ import torch
 from cai_bootstrap.data.pool import builtin_pool
 from cai_bootstrap.data.sampling import stratified_sample
 from cai_bootstrap.formats import prompt_for
-from cai_bootstrap.generation.engine import Decoding, Engine, encode_prompts, length_batches
+from cai_bootstrap.generation.engine import Decoding, Engine, encode_prompts, left_padded, length_batches
 from cai_bootstrap.models.loading import load_model
 
 
@@ -36,12 +36,8 @@ def hf_generate(model, tokenizer, prompts: list[str], new_tokens: int, batch_siz
     out: list[list[int]] = [[] for _ in prompts]
     eos = tokenizer.eos_token_id
     for batch in length_batches([len(e) for e in encoded], batch_size):
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
+        ids, mask, _ = left_padded([encoded[i] for i in batch], tokenizer.pad_token_id, "cpu")
+        width = ids.shape[1]
         with torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                  temperature=None, top_p=None, top_k=None, eos_token_id=eos,

@@ -32,6 +32,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..generation.engine import encode_prompts, left_padded
 from ..training.logprobs import supports_logits_to_keep
 
 CRITIC_PROMPT_VERSION = "critic-ab-v1"
@@ -108,11 +109,7 @@ def _margins_for_prompts(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     good, bad = label_token_ids(tokenizer)
-    encoded = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    if add_bos:
-        if tokenizer.bos_token_id is None:
-            raise ValueError("add_bos=True but the tokenizer has no BOS token")
-        encoded = [[int(tokenizer.bos_token_id)] + e for e in encoded]
+    encoded = encode_prompts(tokenizer, prompts, add_bos)
     pad = next((int(c) for c in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if c is not None))
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
@@ -124,21 +121,9 @@ def _margins_for_prompts(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                width = max(len(encoded[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    ids = encoded[i]
-                    input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                    mask[row, width - len(ids):] = 1
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                input_ids, mask, positions = left_padded([encoded[i] for i in idx], pad, device)
                 kwargs: dict[str, Any] = {"logits_to_keep": 1} if keep_ok else {}
-                logits = model(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                    **kwargs,
-                ).logits[:, -1]
+                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs).logits[:, -1]
                 lp = torch.log_softmax(logits.float(), dim=-1)
                 for row, i in enumerate(idx):
                     out[i] = float(lp[row, good] - lp[row, bad])

@@ -191,7 +191,7 @@ def _preallocated_cache(model, capacity: int):
     return Cache(layers=[layer() for _ in range(config.num_hidden_layers)])
 
 
-def _left_padded(rows: Sequence[Sequence[int]], pad: int, device):
+def left_padded(rows: Sequence[Sequence[int]], pad: int, device):
     """(input_ids, attention_mask, position_ids) of rows left-padded to the longest."""
     import torch
 
@@ -257,7 +257,7 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         if cache is None:
             cache = DynamicCache(config=self.model.config)
-            ids, attention, positions = _left_padded(rows, pad, device)
+            ids, attention, positions = left_padded(rows, pad, device)
             logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             return cache, logits
@@ -265,7 +265,7 @@ class Engine:
         logits = []
         for start in range(0, len(rows), PREFILL_ROWS):
             group = rows[start:start + PREFILL_ROWS]
-            ids, attention, positions = _left_padded(group, pad, device)
+            ids, attention, positions = left_padded(group, pad, device)
             part = DynamicCache()
             logits.append(self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
                                      past_key_values=part, use_cache=True, logits_to_keep=1).logits[:, -1])
@@ -281,9 +281,7 @@ class Engine:
 
         device = next(self.model.parameters()).device
         width = max(len(r) for r in rows)
-        attention = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-        for row, ids in enumerate(rows):
-            attention[row, width - len(ids):] = 1
+        _, attention, _ = left_padded(rows, self.tokenizer.pad_token_id, device)  # grows a column per step
         next_position = torch.tensor([[len(r)] for r in rows], device=device)
         generator = None if decoding.greedy else torch.Generator(device=device).manual_seed(seed)
         eos = _eos_ids(self.tokenizer)

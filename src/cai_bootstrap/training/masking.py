@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..formats import END_SUFFIX, RESPONSE_SEPARATOR, completion_for
-from .packing import IGNORE_INDEX, first_fit_rows
+from .packing import IGNORE_INDEX, pack
 
 
 DEFAULT_MIN_PROMPT_TOKENS = 16
@@ -537,17 +537,13 @@ class PackedCollator:
                 raise ValueError(f"example {n}: input_ids and labels differ in length")
             if not labels or labels[0] != IGNORE_INDEX:
                 raise ValueError(f"example {n}: its first token is supervised, so it cannot be packed")
-        rows = first_fit_rows([len(ids) for ids, _ in examples], self.row_tokens)
-        width = max(sum(len(examples[n][0]) for n in members) for members in rows)
-        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
-        for members in rows:
-            ids = [t for n in members for t in examples[n][0]]
-            pad = width - len(ids)
-            out["input_ids"].append(ids + [self.pad_token_id] * pad)
-            out["labels"].append([t for n in members for t in examples[n][1]] + [IGNORE_INDEX] * pad)
-            out["position_ids"].append([p for n in members for p in range(len(examples[n][0]))] + list(range(pad)))
-            out["attention_mask"].append([1] * len(ids) + [0] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        ids, positions, starts = pack([example_ids for example_ids, _ in examples], self.row_tokens, self.pad_token_id)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        attention = torch.zeros_like(ids)
+        for (_, example_labels), start in zip(examples, starts, strict=True):
+            labels.view(-1)[start:start + len(example_labels)] = torch.tensor(example_labels)
+            attention.view(-1)[start:start + len(example_labels)] = 1
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": attention}
 
 
 def supervised_token_count(batch: Mapping[str, Any]) -> int:

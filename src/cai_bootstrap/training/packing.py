@@ -92,9 +92,9 @@ def install_packed_lm_head(model: Any, outputs: tuple[str, ...]) -> bool:
 
 def _right_padded(mask) -> bool:
     """Every row is ones then zeros (TRL's DPO collator pads on the right)."""
-    lengths = mask.sum(dim=1, keepdim=True)
     import torch
 
+    lengths = mask.sum(dim=1, keepdim=True)
     return bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths).to(mask.dtype)).all())
 
 
