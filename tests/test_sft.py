@@ -13,6 +13,7 @@ from cai_bootstrap.config import SFTConfig
 from cai_bootstrap.formats import completion_for, prompt_for
 from cai_bootstrap.models.loading import fingerprint, load_model
 from cai_bootstrap.training import sft
+from cai_bootstrap.training.packing import balanced_rows
 from cai_bootstrap.training.masking import (IGNORE_INDEX, MaskingError, PackedCollator, ResponseOnlyCollator,
                                             encode_dataset)
 
@@ -317,16 +318,26 @@ def unpack(positions: list, labels: list) -> list[tuple[int, list[int]]]:
     return out
 
 
-def test_packed_collator_fills_rows_first_fit_and_restarts_positions(tokenizer):
+def test_balanced_rows_split_the_tokens_evenly():
+    assert balanced_rows([60, 50, 40, 30, 20, 10], capacity=100) == [[0, 5], [1, 4], [2, 3]]  # 70 tokens each
+    assert balanced_rows([5], capacity=100) == [[0]]
+    assert balanced_rows([300, 10], capacity=100) == [[0], [1]]  # 3 rows asked for, 2 used
+    lengths = [37, 12, 88, 41, 5, 66, 23, 71, 9, 54]
+    rows = balanced_rows(lengths, capacity=128)
+    loads = [sum(lengths[i] for i in row) for row in rows]
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert len(rows) == math.ceil(sum(lengths) / 128) and max(loads) - min(loads) <= max(lengths)
+
+
+def test_packed_collator_balances_rows_and_restarts_positions(tokenizer):
     encoded, _ = encode_dataset(tokenizer, make_examples(8), max_length=128, max_drop_share=0.0)
     lengths = [len(e.input_ids) for e in encoded]
     batch = PackedCollator(tokenizer.pad_token_id, row_tokens=64)(encoded)
     rows, width = batch["input_ids"].shape
-    assert rows < len(encoded) and width <= max(64, max(lengths))
-    assert rows == math.ceil(sum(lengths) / 64) or rows == math.ceil(sum(lengths) / 64) + 1
+    assert rows == math.ceil(sum(lengths) / 64) and width < math.ceil(sum(lengths) / rows) + max(lengths)
     # every example appears exactly once, whole, with positions 0..n-1; padding is unsupervised
-    pieces = sorted((tuple(ids) for r, ids in unpack([batch["position_ids"]], [batch["input_ids"]])), key=len)
-    real = sorted((tuple(e.input_ids) for e in encoded), key=len)
+    pieces = sorted(tuple(ids) for r, ids in unpack([batch["position_ids"]], [batch["input_ids"]]))
+    real = sorted(tuple(e.input_ids) for e in encoded)
     pad = tokenizer.pad_token_id
     assert [p for p in pieces if any(t != pad for t in p)] == [r for r in real]
     assert int(batch["attention_mask"].sum()) == sum(lengths)

@@ -511,7 +511,8 @@ class ResponseOnlyCollator:
 class PackedCollator:
     """Packs examples end to end into rows of at most ``row_tokens`` tokens: padding-free batches.
 
-    Rows are filled first-fit, longest example first; only a row's tail is padded. Each example's
+    Rows are balanced (``packing.balanced_rows``): as many as ``row_tokens`` requires, each with
+    near-equal token counts, so the padding to the widest row is small. Each example's
     ``position_ids`` restart at 0, and no attention mask is returned to the model: transformers
     then reads the restarts as sequence boundaries and attends within each example only (a
     block-diagonal causal mask), so a packed row computes what separate padded rows compute

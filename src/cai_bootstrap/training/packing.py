@@ -9,7 +9,8 @@ with its prompt).
 :func:`install_packed_lm_head` applies this inside TRL's DPOTrainer: TRL pads chosen and rejected
 sequences to one width and, on a CPU, projects every position onto the vocabulary; the packed
 forward runs the backbone on real tokens only and the LM head on completion tokens only, then
-puts the per-token results back in TRL's padded layout, so TRL's loss code is unchanged.
+puts the per-token results back in TRL's padded layout, so TRL's loss code is unchanged. Off
+Triton devices the per-token fields come from :mod:`.token_logprobs`, not TRL's torch fallback.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ from typing import Any
 IGNORE_INDEX = -100
 
 
-def first_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Indices grouped into rows of at most ``capacity`` tokens (first fit, longest first; a
-    sequence longer than ``capacity`` gets a row of its own)."""
-    rows: list[list[int]] = []
-    room: list[int] = []
+def balanced_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into ``ceil(total / capacity)`` rows of near-equal token counts (longest
+    first, each into the emptiest row). Rows are padded to the fullest one, so balanced rows waste
+    almost nothing, where rows filled to ``capacity`` one by one leave a short last row whose
+    padding every other row pays for; a row may run past ``capacity`` by less than one sequence."""
+    import heapq
+
+    total = sum(lengths)
+    rows: list[list[int]] = [[] for _ in range(max(1, -(-total // max(capacity, 1))))]
+    heap = [(0, r) for r in range(len(rows))]
     for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
-        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if row is None:
-            rows.append([])
-            room.append(max(capacity, lengths[i]))
-            row = len(rows) - 1
-        rows[row].append(i)
-        room[row] -= lengths[i]
-    return rows
+        load, r = heapq.heappop(heap)
+        rows[r].append(i)
+        heapq.heappush(heap, (load + lengths[i], r))
+    return [row for row in rows if row]
 
 
 def pack(sequences: Sequence[Sequence[int]], capacity: int, pad_id: int):
@@ -42,7 +44,7 @@ def pack(sequences: Sequence[Sequence[int]], capacity: int, pad_id: int):
     their own that no real token sees."""
     import torch
 
-    rows = first_fit_rows([len(s) for s in sequences], capacity)
+    rows = balanced_rows([len(s) for s in sequences], capacity)
     width = max(sum(len(sequences[i]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -103,6 +105,8 @@ def _packed_fused_forward(model, input_ids, attention_mask, labels, outputs: tup
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 
+    from .token_logprobs import token_log_probs
+
     kwargs.pop("num_items_in_batch", None)
     kwargs["use_cache"] = False
     device = input_ids.device
@@ -117,8 +121,11 @@ def _packed_fused_forward(model, input_ids, attention_mask, labels, outputs: tup
     rows, cols = label_mask.nonzero(as_tuple=True)
     flat = torch.as_tensor(starts, device=device)[rows] + cols  # the same token in the packed rows
     lm_head = model.get_output_embeddings()
-    per_token = ChunkedLogProbFunction.apply(hidden[flat], lm_head.weight, lm_head.bias, next_labels[label_mask],
-                                             1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+    if lm_head.bias is None and device.type not in ("cuda", "xpu"):  # TRL's Triton kernel there
+        per_token = token_log_probs(hidden[flat], lm_head.weight, next_labels[label_mask], outputs)
+    else:
+        per_token = ChunkedLogProbFunction.apply(hidden[flat], lm_head.weight, lm_head.bias, next_labels[label_mask],
+                                                 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(label_mask.shape).masked_scatter(label_mask, x) for x in per_token)
     loss = -log_probs.sum() / label_mask.sum().clamp(min=1)

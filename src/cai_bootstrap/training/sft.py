@@ -70,6 +70,7 @@ from .. import config as config_mod
 from ..console import console
 from ..files import atomic_write_json, sha256_text
 from ..models.loading import default_device, fingerprint, load_model, load_tokenizer, resolve
+from .lora_dropout import use_fast_lora_dropout
 from .masking import IGNORE_INDEX, Encoded, MaskingError, PackedCollator, ResponseOnlyCollator, encode_dataset
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -452,6 +453,7 @@ def train_sft(
                              task_type="CAUSAL_LM")
     set_seed(seed)  # the adapter's initial weights depend on the seed only
     model = get_peft_model(model, lora_config)
+    fast_dropout = use_fast_lora_dropout(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -559,7 +561,8 @@ def train_sft(
         "base_fingerprint": base_fingerprint,
         "adapter_dir": str(out_dir),
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                 "target_modules": target, "task_type": "CAUSAL_LM"},
+                 "target_modules": target, "task_type": "CAUSAL_LM",
+                 "dropout_masks": "training.lora_dropout (PCG64)" if fast_dropout else "torch"},
         "hyperparameters": {
             **cfg.model_dump(mode="json"),
             "num_processes": nproc,
