@@ -115,3 +115,48 @@ def test_real_model_greedy_batch_invariance():
     four = [g.raw_text for g in Engine(lm.model, lm.tokenizer, batch_size=4).generate(PROMPTS[:4], d)]
     assert one == four
     assert any("Paris" in t for t in one)
+
+
+@pytest.mark.e2e
+def test_rows_finishing_at_different_steps_leave_the_same_output(monkeypatch):
+    """Finished rows leave the batch and the last live rows move into their KV-cache slots; the
+    greedy output is still that of one prompt at a time. (The real model: the tiny random one
+    repeats one token, so its rows all end together.)"""
+    from cai_bootstrap.generation import engine
+
+    lm = load_model("smollm2-135m")
+
+    orders = []
+    real = engine._fill_order
+    monkeypatch.setattr(engine, "_fill_order", lambda keep, batch: orders.append(real(keep, batch)) or orders[-1])
+    d = Decoding(max_new_tokens=24, stop_strings=(".", "\n"))  # rows stop at different steps
+    batched = Engine(lm.model, lm.tokenizer, batch_size=7).generate(PROMPTS, d)
+    single = [Engine(lm.model, lm.tokenizer, batch_size=1).generate([p], d)[0] for p in PROMPTS]
+    assert [g.raw_text for g in batched] == [g.raw_text for g in single]
+    assert len({g.completion_tokens for g in batched}) > 2
+    assert any(src != slot for order in orders for slot, src in enumerate(order))  # a row really moved
+
+
+def test_fill_order_moves_only_rows_past_the_new_size():
+    from cai_bootstrap.generation.engine import _fill_order
+
+    assert _fill_order([0, 2, 3, 5], 6) == [0, 5, 2, 3]
+    assert _fill_order([0, 1, 2], 4) == [0, 1, 2]  # the last row finished: nothing moves
+    assert _fill_order([3, 4], 5) == [3, 4]
+    assert _fill_order([1, 4, 6, 7], 8) == [4, 1, 6, 7]
+
+
+def test_sliced_lm_head_gives_the_same_logits_and_is_removed_after(tiny, monkeypatch):
+    import torch
+
+    from cai_bootstrap.models import lm_head
+
+    monkeypatch.setattr(lm_head, "VOCAB_SLICE", 1000)  # several slices, the last one partial
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        plain = tiny.model(input_ids=ids).logits
+        with lm_head.sliced_lm_head(tiny.model):
+            assert "forward" in vars(tiny.model.get_output_embeddings())
+            sliced = tiny.model(input_ids=ids).logits
+    assert "forward" not in vars(tiny.model.get_output_embeddings())
+    torch.testing.assert_close(sliced, plain, rtol=1e-5, atol=1e-5)

@@ -126,6 +126,18 @@ def _pick(logits, decoding: Decoding, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _fill_order(keep: Sequence[int], batch: int) -> list[int]:
+    """The slot each row of the smaller batch comes from: surviving rows stay where they are, except
+    those past the new size, which move into the finished rows' slots (so only they are copied)."""
+    size = len(keep)
+    movers = [s for s in keep if s >= size]
+    alive = set(keep)
+    order, moving = [], iter(movers)
+    for s in range(size):
+        order.append(s if s in alive else next(moving))
+    return order
+
+
 PREFILL_ROWS = 16  # prompts prefilled together: similar lengths (rows come sorted), little padding
 
 
@@ -176,6 +188,16 @@ def _preallocated_layer(capacity: int):
             if self.is_initialized:
                 self._k, self._v = self._k[indices], self._v[indices]
                 self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+        def fill_holes(self, holes, movers, keep: int) -> None:
+            """Rows ``movers`` (all at or past ``keep``) move into the finished rows ``holes``, and
+            the batch is cut to its first ``keep`` rows (a view). Only the moved rows' filled
+            positions are copied, where ``batch_select_indices`` copies every row."""
+            if len(holes):
+                self._k[holes, :, :self.length] = self._k[movers, :, :self.length]
+                self._v[holes, :, :self.length] = self._v[movers, :, :self.length]
+            self._k, self._v = self._k[:keep], self._v[:keep]
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
     return PreallocatedLayer
 
@@ -279,6 +301,8 @@ class Engine:
         """Completion ids per row (an EOS that ended a row included), from one left-padded batch."""
         import torch
 
+        from ..models.lm_head import sliced_lm_head
+
         device = next(self.model.parameters()).device
         width = max(len(r) for r in rows)
         _, attention, _ = left_padded(rows, self.tokenizer.pad_token_id, device)  # grows a column per step
@@ -289,7 +313,7 @@ class Engine:
         window = max((len(s) for s in stops), default=0) + 2
         completions: list[list[int]] = [[] for _ in rows]
         live = list(range(len(rows)))  # the original row of each row still in the batch
-        with torch.inference_mode():
+        with torch.inference_mode(), sliced_lm_head(self.model):
             cache, logits = self._prefill(rows, width + decoding.max_new_tokens, device)
             for step in range(decoding.max_new_tokens):
                 tokens = _pick(logits, decoding, generator)
@@ -301,11 +325,18 @@ class Engine:
                         keep.append(slot)
                 if not keep or step == decoding.max_new_tokens - 1:
                     break
-                if len(keep) < len(live):  # finished rows leave the batch
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
+                if len(keep) < len(live):  # finished rows leave the batch: the last live rows fill their slots
+                    order = _fill_order(keep, len(live))
+                    index = torch.tensor(order, device=device)
+                    holes = [s for s, src in enumerate(order) if src != s]
+                    if hasattr(cache.layers[0], "fill_holes"):
+                        movers = index[holes]
+                        for layer in cache.layers:
+                            layer.fill_holes(torch.tensor(holes, device=device), movers, len(order))
+                    else:
+                        cache.batch_select_indices(index)
                     tokens, attention, next_position = tokens[index], attention[index], next_position[index]
-                    live = [live[s] for s in keep]
+                    live = [live[s] for s in order]
                 attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
                 logits = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position,
                                     past_key_values=cache, use_cache=True).logits[:, -1]

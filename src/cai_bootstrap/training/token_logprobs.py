@@ -6,8 +6,7 @@ of a DPO step. This computes the same fields from one projection per tile of tok
 ``log_probs`` and ``log_z`` from a max, an exp and a sum, and each optional field (``entropy``,
 ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) from one more pass. The backward recomputes the
 tile (the ``[tokens, vocab]`` logits are never kept) and turns it into the logits gradient in place.
-The projection is split over vocabulary slices: MKL's sgemm on a 49k-wide output runs at half speed
-on AMD CPUs, and 4096-wide slices recover it (``bench/matmul.py``).
+The projection is split over vocabulary slices (``models.lm_head.project``).
 
 Same outputs, gradients and argument order as TRL's function (tested against it).
 """
@@ -16,16 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from ..models.lm_head import project
+
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 TOKEN_TILE = 256  # tokens per tile: a 256 x 49152 fp32 tile is 50 MB
-VOCAB_SLICE = 4096  # columns per sgemm call
-
-
-def project(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = hidden @ weight.T``, one vocabulary slice at a time."""
-    for start in range(0, weight.shape[0], VOCAB_SLICE):
-        torch.mm(hidden, weight[start:start + VOCAB_SLICE].t(), out=out[:, start:start + VOCAB_SLICE])
-    return out
 
 
 class TokenLogProbs(torch.autograd.Function):
