@@ -49,9 +49,11 @@ def test_unrequested_fields_are_none_and_log_probs_normalise(case):
     torch.testing.assert_close(log_probs, every.gather(1, targets[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["exp-kept", "recomputed"])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_gradients_match_trl(case, with_entropy):
+def test_gradients_match_trl(case, with_entropy, keep, monkeypatch):
     hidden, weight, targets = case
+    monkeypatch.setattr(token_logprobs, "KEEP_BYTES", 2**30 if keep else 0)
     g = torch.Generator().manual_seed(1)
     w_lp, w_h = torch.randn(150, generator=g), torch.randn(150, generator=g)
     outputs = ("log_probs", "entropy") if with_entropy else ("log_probs",)
@@ -70,3 +72,10 @@ def test_gradients_match_trl(case, with_entropy):
         plain = plain + (-(every.exp() * every).sum(-1) * w_h).sum()
     for a, b in zip(grads(token_log_probs), torch.autograd.grad(plain, (hidden, weight)), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_second_backward_recomputes_what_the_first_used_up(case):
+    hidden, weight, targets = case
+    loss = token_log_probs(hidden, weight, targets)[0].sum()
+    first = torch.autograd.grad(loss, hidden, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss, hidden)[0], first, rtol=1e-5, atol=1e-6)

@@ -4,8 +4,10 @@ TRL's ``ChunkedLogProbFunction`` falls back to about fifteen whole-tile torch pa
 tile on such devices (its metrics each take their own passes), and on a 2-core CPU that was a third
 of a DPO step. This computes the same fields from one projection per tile of tokens, shifted once:
 ``log_probs`` and ``log_z`` from a max, an exp and a sum, and each optional field (``entropy``,
-``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) from one more pass. The backward recomputes the
-tile (the ``[tokens, vocab]`` logits are never kept) and turns it into the logits gradient in place.
+``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) from one more pass. When a gradient will be
+needed and ``exp(logits)`` of all the tokens fits ``KEEP_BYTES``, the forward keeps it and the
+backward turns it into the logits gradient in place (one pass, no second projection); otherwise the
+backward recomputes each tile.
 The projection is split over vocabulary slices (``models.lm_head.project``).
 
 Same outputs, gradients and argument order as TRL's function (tested against it).
@@ -19,6 +21,7 @@ from ..models.lm_head import project
 
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 TOKEN_TILE = 256  # tokens per tile: a 256 x 49152 fp32 tile is 50 MB
+KEEP_BYTES = 512 * 2**20  # the forward keeps exp(logits) for the backward up to this size, else recomputes
 
 
 class TokenLogProbs(torch.autograd.Function):
@@ -35,11 +38,18 @@ class TokenLogProbs(torch.autograd.Function):
         log_z = torch.empty_like(log_probs)
         extra = {k: torch.empty(n, dtype=torch.bool if k == "is_top1" else torch.float32, device=hidden.device)
                  for k, on in want.items() if on}
-        tile = torch.empty((min(n, TOKEN_TILE), vocab), dtype=torch.float32, device=hidden.device)
-        exp = torch.empty_like(tile) if want["entropy"] or want["log_sum_sq_probs"] else None
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        kept = (torch.empty((n, vocab), dtype=torch.float32, device=hidden.device)
+                if grad and n * vocab * 4 <= KEEP_BYTES else None)
+        separate_exp = want["entropy"] or want["log_sum_sq_probs"]
+        rows = min(n, TOKEN_TILE)
+        tile = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device) \
+            if kept is None or separate_exp else None
+        exp = (torch.empty_like(tile) if kept is None else kept) if separate_exp else None
+        totals = torch.empty_like(log_probs)
         for a in range(0, n, TOKEN_TILE):
             b = min(a + TOKEN_TILE, n)
-            z = project(h[a:b], w, tile[:b - a])
+            z = project(h[a:b], w, tile[:b - a] if tile is not None else kept[a:b])
             t = targets[a:b, None]
             top = z.amax(-1)
             z.sub_(top[:, None])  # z <= 0 from here on: exp cannot overflow
@@ -48,8 +58,8 @@ class TokenLogProbs(torch.autograd.Function):
             if want["mean_logits"]:
                 extra["mean_logits"][a:b] = z.sum(-1) / vocab + top
             target_z = z.gather(1, t).squeeze(1)
-            e = torch.exp(z, out=exp[:b - a]) if exp is not None else z.exp_()
-            total = e.sum(-1)
+            e = torch.exp(z, out=exp[a:b] if exp is kept else exp[:b - a]) if exp is not None else z.exp_()
+            total = totals[a:b] = e.sum(-1)
             log_total = total.log()
             log_probs[a:b] = target_z - log_total
             log_z[a:b] = top + log_total
@@ -60,6 +70,7 @@ class TokenLogProbs(torch.autograd.Function):
         entropy = extra.get("entropy")
         ctx.save_for_backward(hidden, weight, targets, log_z, log_z if entropy is None else entropy)
         ctx.has_entropy = entropy is not None
+        ctx.kept, ctx.totals = kept, totals  # exp(z - max) of every token, when it fits KEEP_BYTES
         ctx.mark_non_differentiable(*(extra[k] for k in ("log_sum_sq_probs", "mean_logits", "is_top1") if k in extra))
         return (log_probs, entropy, extra.get("log_sum_sq_probs"), extra.get("mean_logits"), extra.get("is_top1"))
 
@@ -73,17 +84,22 @@ class TokenLogProbs(torch.autograd.Function):
             return None, None, None, None
         n, vocab = hidden.shape[0], weight.shape[0]
         h, w = hidden.float(), weight.float()
+        kept, ctx.kept = ctx.kept, None  # used up in place below: a second backward recomputes
+        if grad_entropy is not None:
+            kept = None
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        tile = torch.empty((min(n, TOKEN_TILE), vocab), dtype=torch.float32, device=h.device)
+        tile = torch.empty((min(n, TOKEN_TILE), vocab), dtype=torch.float32, device=h.device) if kept is None else None
         p_buf = torch.empty_like(tile) if grad_entropy is not None else None
         for a in range(0, n, TOKEN_TILE):
             b = min(a + TOKEN_TILE, n)
-            z = project(h[a:b], w, tile[:b - a]).sub_(log_z[a:b, None])  # log p
             g = grad_log_probs[a:b].float()[:, None] if grad_log_probs is not None else None
-            if grad_entropy is None:  # d log p_t / dz_j = 1[j = t] - p_j
-                grad_z = z.exp_().mul_(-g)
-            else:  # d H / dz_j = -p_j (log p_j + H)
+            if kept is not None:  # d log p_t / dz_j = 1[j = t] - p_j, with p = exp(z - max) / total
+                grad_z = kept[a:b].mul_(-g / ctx.totals[a:b, None])
+            elif grad_entropy is None:
+                grad_z = project(h[a:b], w, tile[:b - a]).sub_(log_z[a:b, None]).exp_().mul_(-g)
+            else:  # and d H / dz_j = -p_j (log p_j + H)
+                z = project(h[a:b], w, tile[:b - a]).sub_(log_z[a:b, None])  # log p
                 p = torch.exp(z, out=p_buf[:b - a])
                 grad_z = z.add_(entropy[a:b, None]).mul_(-grad_entropy[a:b].float()[:, None])
                 if g is not None:
