@@ -38,7 +38,7 @@ class TokenLogProbs(torch.autograd.Function):
         log_z = torch.empty_like(log_probs)
         extra = {k: torch.empty(n, dtype=torch.bool if k == "is_top1" else torch.float32, device=hidden.device)
                  for k, on in want.items() if on}
-        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        grad = any(ctx.needs_input_grad[:2])  # (grad mode itself is off inside forward)
         kept = (torch.empty((n, vocab), dtype=torch.float32, device=hidden.device)
                 if grad and n * vocab * 4 <= KEEP_BYTES else None)
         separate_exp = want["entropy"] or want["log_sum_sq_probs"]
