@@ -6,16 +6,19 @@ boundaries and builds a block-diagonal causal mask. The position after a sequenc
 the next sequence's first token, so that label must be unsupervised (every example here starts
 with its prompt).
 
-:func:`install_packed_lm_head` applies this inside TRL's DPOTrainer: TRL pads chosen and rejected
+:func:`install_packed_lm_head` does more inside TRL's DPOTrainer: TRL pads chosen and rejected
 sequences to one width and, on a CPU, projects every position onto the vocabulary; the packed
-forward runs the backbone on real tokens only and the LM head on completion tokens only, then
-puts the per-token results back in TRL's padded layout, so TRL's loss code is unchanged. Off
-Triton devices the per-token fields come from :mod:`.token_logprobs`, not TRL's torch fallback.
+forward lays the batch out as a :class:`PromptTree` (each pair's prompt once, chosen and rejected
+completions after it, an explicit 4D mask), runs the backbone on real tokens only and the LM head
+on completion tokens only, then puts the per-token results back in TRL's padded layout, so TRL's
+loss code is unchanged. Off Triton devices the per-token fields come from :mod:`.token_logprobs`,
+not TRL's torch fallback.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 IGNORE_INDEX = -100
@@ -59,6 +62,70 @@ def pack(sequences: Sequence[Sequence[int]], capacity: int, pad_id: int):
             offset += n
         positions[r, offset:] = torch.arange(width - offset)
     return ids, positions, starts
+
+
+@dataclass
+class PromptTree:
+    """Sequences packed with each distinct prompt once: a segment is a prompt followed by the
+    completions of every sequence that starts with it, each completion attending to the prompt and
+    to itself only (RoPE positions continue from the prompt in every completion). A DPO pair's
+    chosen and rejected sequences share their prompt, so its tokens are computed once, not twice."""
+
+    input_ids: Any  # [rows, width]
+    position_ids: Any  # [rows, width]
+    mask: Any  # [rows, 1, width, width] bool, True where a query (dim 2) may attend a key (dim 3)
+    prompt_start: list[int]  # per sequence: flat index (row * width + offset) of its prompt's first token
+    completion_start: list[int]  # per sequence: flat index of its completion's first token
+
+    def flat_index(self, sequence, column, prompt_length):
+        """Flat index in the packed rows of token ``column`` of ``sequence`` (tensors, elementwise)."""
+        import torch
+
+        device = sequence.device
+        in_prompt = column < prompt_length
+        return torch.where(in_prompt, torch.as_tensor(self.prompt_start, device=device)[sequence] + column,
+                           torch.as_tensor(self.completion_start, device=device)[sequence] + column - prompt_length)
+
+
+def prompt_tree(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], capacity: int,
+                pad_id: int) -> PromptTree:
+    """Pack ``sequences`` (whose first ``prompt_lengths[i]`` tokens are the prompt) as a :class:`PromptTree`,
+    segments in balanced rows of about ``capacity`` tokens; padding attends to itself only."""
+    import torch
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        groups.setdefault(tuple(seq[:p]), []).append(i)
+    segments = list(groups.items())
+    sizes = [len(prompt) + sum(len(sequences[i]) - len(prompt) for i in members) for prompt, members in segments]
+    rows = balanced_rows(sizes, capacity)
+    width = max(sum(sizes[s] for s in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = -1 - torch.arange(len(rows) * width).view(len(rows), width)  # padding: a segment per token
+    branch = torch.zeros((len(rows), width), dtype=torch.long)
+    prompt_start, completion_start = [0] * len(sequences), [0] * len(sequences)
+    for r, row in enumerate(rows):
+        offset = 0
+        for s in row:
+            prompt, members = segments[s]
+            p = len(prompt)
+            ids[r, offset:offset + p] = torch.as_tensor(prompt, dtype=torch.long)
+            positions[r, offset:offset + p] = torch.arange(p)
+            segment[r, offset:offset + sizes[s]] = s
+            start = offset
+            offset += p
+            for b, i in enumerate(members, start=1):
+                n = len(sequences[i]) - p
+                ids[r, offset:offset + n] = torch.as_tensor(list(sequences[i][p:]), dtype=torch.long)
+                positions[r, offset:offset + n] = torch.arange(p, p + n)
+                branch[r, offset:offset + n] = b
+                prompt_start[i], completion_start[i] = r * width + start, r * width + offset
+                offset += n
+    order = torch.arange(width)
+    mask = ((segment[:, :, None] == segment[:, None, :]) & (order[None, None, :] <= order[None, :, None])
+            & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))
+    return PromptTree(ids, positions, mask[:, None], prompt_start, completion_start)
 
 
 def install_packed_lm_head(model: Any, outputs: tuple[str, ...]) -> bool:
@@ -112,14 +179,17 @@ def _packed_fused_forward(model, input_ids, attention_mask, labels, outputs: tup
     device = input_ids.device
     lengths = attention_mask.sum(dim=1).tolist()
     sequences = [input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
-    ids, positions, starts = pack(sequences, capacity=input_ids.shape[1], pad_id=0)
-    hidden = model.base_model(input_ids=ids.to(device), position_ids=positions.to(device), **kwargs).last_hidden_state
+    supervised = labels != IGNORE_INDEX  # the prompt: every token before the first supervised one
+    prompt_lengths = torch.where(supervised.any(1), supervised.int().argmax(1), attention_mask.sum(1))
+    tree = prompt_tree(sequences, prompt_lengths.tolist(), capacity=input_ids.shape[1], pad_id=0)
+    hidden = model.base_model(input_ids=tree.input_ids.to(device), position_ids=tree.position_ids.to(device),
+                              attention_mask=tree.mask.to(device), **kwargs).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
     # TRL's layout: position t of row i predicts labels[i, t + 1]; score only those that are supervised
     next_labels = labels[:, 1:]
     label_mask = next_labels != IGNORE_INDEX
     rows, cols = label_mask.nonzero(as_tuple=True)
-    flat = torch.as_tensor(starts, device=device)[rows] + cols  # the same token in the packed rows
+    flat = tree.flat_index(rows, cols, prompt_lengths.to(device)[rows])  # the same token in the packed rows
     lm_head = model.get_output_embeddings()
     if lm_head.bias is None and device.type not in ("cuda", "xpu"):  # TRL's Triton kernel there
         per_token = token_log_probs(hidden[flat], lm_head.weight, next_labels[label_mask], outputs)
