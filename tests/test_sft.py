@@ -381,3 +381,47 @@ def test_packed_rows_give_the_loss_and_gradients_of_padded_rows(tiny_model_folde
     # attending to their neighbours) give a different loss
     leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
     assert abs(float(sft._forward_loss(model, leaky)) - loss_padded) > 1e-3
+
+
+def test_loss_from_token_log_probs_equals_cross_entropy_on_the_models_logits(tiny_model_folder, tokenizer,
+                                                                             monkeypatch):
+    """On a CPU the loss projects the kept hidden states itself (training.token_logprobs); it is the
+    cross-entropy of the model's own logits, with the same gradients."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    from cai_bootstrap.training import token_logprobs
+
+    encoded, _ = encode_dataset(tokenizer, make_examples(6), max_length=128, max_drop_share=0.0)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(tiny_model_folder), trainable=True).model,
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.train()
+    batch = PackedCollator(tokenizer.pad_token_id, row_tokens=128)(encoded)
+    calls = []
+    real = token_logprobs.token_log_probs
+    monkeypatch.setattr(token_logprobs, "token_log_probs", lambda *a: calls.append(1) or real(*a))
+
+    def loss_and_grads(fn):
+        loss = fn()
+        loss.backward()
+        g = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return float(loss), g
+
+    def plain():
+        labels = batch["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[keep]
+        return F.cross_entropy(logits, labels[:, 1:][keep[:, :-1]], reduction="sum")
+
+    ours, g_ours = loss_and_grads(lambda: sft._forward_loss(model, batch))
+    assert calls == [1]  # the own-projection path was taken
+    ref, g_ref = loss_and_grads(plain)
+    assert ours == pytest.approx(ref, rel=1e-5)
+    for k in g_ref:
+        assert float((g_ours[k] - g_ref[k]).norm() / g_ref[k].norm()) < 1e-5, k
+    # the head is restored: the model returns logits again
+    assert model(input_ids=batch["input_ids"][:1, :4]).logits.shape[-1] == model.config.vocab_size

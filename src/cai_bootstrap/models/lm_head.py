@@ -39,3 +39,26 @@ def sliced_lm_head(model):
         yield
     finally:
         del head.forward
+
+
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def plain_lm_head(model) -> bool:
+    """Whether the model's logits are exactly ``output_embeddings(hidden)``: a linear head with no
+    scaling or soft-capping applied after it."""
+    config = model.config.get_text_config()
+    return (isinstance(model.get_output_embeddings(), torch.nn.Linear)
+            and not any(getattr(config, k, None) is not None for k in SCALED_LOGITS))
+
+
+@contextmanager
+def hidden_states_out(model):
+    """Within the block the output embedding returns its input, so the model's ``logits`` are the
+    final hidden states of the kept positions (for a loss that does its own projection)."""
+    head = model.get_output_embeddings()
+    head.forward = lambda x: x
+    try:
+        yield head.weight
+    finally:
+        del head.forward

@@ -24,21 +24,43 @@ from typing import Any
 IGNORE_INDEX = -100
 
 
-def balanced_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Indices grouped into ``ceil(total / capacity)`` rows of near-equal token counts (longest
-    first, each into the emptiest row). Rows are padded to the fullest one, so balanced rows waste
-    almost nothing, where rows filled to ``capacity`` one by one leave a short last row whose
-    padding every other row pays for; a row may run past ``capacity`` by less than one sequence."""
+def lpt_rows(lengths: Sequence[int], rows: int) -> list[list[int]]:
+    """Indices in ``rows`` rows of near-equal token counts: longest first, each into the emptiest
+    row (its fullest row exceeds the mean by less than one item); empty rows are dropped."""
     import heapq
 
-    total = sum(lengths)
-    rows: list[list[int]] = [[] for _ in range(max(1, -(-total // max(capacity, 1))))]
-    heap = [(0, r) for r in range(len(rows))]
+    out: list[list[int]] = [[] for _ in range(max(1, rows))]
+    heap = [(0, r) for r in range(len(out))]
     for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
         load, r = heapq.heappop(heap)
-        rows[r].append(i)
+        out[r].append(i)
         heapq.heappush(heap, (load + lengths[i], r))
-    return [row for row in rows if row]
+    return [row for row in out if row]
+
+
+def balanced_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """``ceil(total / capacity)`` rows of near-equal token counts. Rows are padded to the fullest
+    one, so balanced rows waste little, where rows filled to ``capacity`` one by one leave a short
+    last row whose padding every other row pays for; a row may run past ``capacity`` by less than
+    one sequence."""
+    return lpt_rows(lengths, -(-sum(lengths) // max(capacity, 1)))
+
+
+ATTENTION_COST = 1e-3  # attention per key position, relative to a token's other work (SDPA ~11% at width 137)
+
+
+def cheapest_rows(lengths: Sequence[int]) -> list[list[int]]:
+    """The row count whose padded layout costs least: ``rows * width * (1 + ATTENTION_COST * width)``.
+    For a few long items (DPO prompt trees) that beats a fixed capacity, where one item too many
+    for a row doubles the padding; more rows mean more padding, fewer mean wider attention."""
+    best, best_cost = None, float("inf")
+    for n in range(1, len(lengths) + 1):
+        rows = lpt_rows(lengths, n)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        cost = len(rows) * width * (1 + ATTENTION_COST * width)
+        if cost < best_cost:
+            best, best_cost = rows, cost
+    return best
 
 
 def pack(sequences: Sequence[Sequence[int]], capacity: int, pad_id: int):
@@ -87,10 +109,9 @@ class PromptTree:
                            torch.as_tensor(self.completion_start, device=device)[sequence] + column - prompt_length)
 
 
-def prompt_tree(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], capacity: int,
-                pad_id: int) -> PromptTree:
+def prompt_tree(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], pad_id: int) -> PromptTree:
     """Pack ``sequences`` (whose first ``prompt_lengths[i]`` tokens are the prompt) as a :class:`PromptTree`,
-    segments in balanced rows of about ``capacity`` tokens; padding attends to itself only."""
+    segments in :func:`cheapest_rows`; padding attends to itself only."""
     import torch
 
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -98,7 +119,7 @@ def prompt_tree(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int
         groups.setdefault(tuple(seq[:p]), []).append(i)
     segments = list(groups.items())
     sizes = [len(prompt) + sum(len(sequences[i]) - len(prompt) for i in members) for prompt, members in segments]
-    rows = balanced_rows(sizes, capacity)
+    rows = cheapest_rows(sizes)
     width = max(sum(sizes[s] for s in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -131,15 +152,15 @@ def prompt_tree(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int
 def install_packed_lm_head(model: Any, outputs: tuple[str, ...]) -> bool:
     """Wrap the forward that TRL's ``add_fused_lm_head`` installed on ``model`` (the base model, under
     PEFT) so that ``fused_lm_head=True`` calls run packed. Returns False (and changes nothing) for
-    models whose logits TRL scales or soft-caps, which this forward does not reproduce.
+    models whose logits are scaled or soft-capped, which this forward does not reproduce.
 
     ``outputs`` are the per-token fields computed; ``model._packed_outputs`` may be narrowed for a
     while (the reference pass needs ``log_probs`` only)."""
     import types
 
-    config = model.config.get_text_config()
-    if any(getattr(config, k, None) is not None for k in
-           ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")):
+    from ..models.lm_head import plain_lm_head
+
+    if not plain_lm_head(model):
         return False
     if getattr(model, "_packed_lm_head", False):
         return True
@@ -181,7 +202,7 @@ def _packed_fused_forward(model, input_ids, attention_mask, labels, outputs: tup
     sequences = [input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
     supervised = labels != IGNORE_INDEX  # the prompt: every token before the first supervised one
     prompt_lengths = torch.where(supervised.any(1), supervised.int().argmax(1), attention_mask.sum(1))
-    tree = prompt_tree(sequences, prompt_lengths.tolist(), capacity=input_ids.shape[1], pad_id=0)
+    tree = prompt_tree(sequences, prompt_lengths.tolist(), pad_id=0)
     hidden = model.base_model(input_ids=tree.input_ids.to(device), position_ids=tree.position_ids.to(device),
                               attention_mask=tree.mask.to(device), **kwargs).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])

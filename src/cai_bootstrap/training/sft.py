@@ -70,7 +70,6 @@ from .. import config as config_mod
 from ..console import console
 from ..files import atomic_write_json, sha256_text
 from ..models.loading import default_device, fingerprint, load_model, load_tokenizer, resolve
-from .lora_dropout import use_fast_lora_dropout
 from .masking import IGNORE_INDEX, Encoded, MaskingError, PackedCollator, ResponseOnlyCollator, encode_dataset
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -175,11 +174,31 @@ def _forward_loss(model, batch):
     # packed rows carry position_ids and must not pass a mask (see masking.PackedCollator)
     inputs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else \
         {"attention_mask": batch["attention_mask"]}
+    from ..models.lm_head import hidden_states_out, plain_lm_head
+    from .token_logprobs import token_log_probs
+
+    inner = _innermost(model)
+    head = inner.get_output_embeddings()
+    if batch["input_ids"].device.type == "cpu" and head.bias is None and plain_lm_head(inner):
+        # the kept positions' hidden states, projected by token_log_probs: the vocabulary in slices
+        # and one pass over the logits each way, instead of F.linear + cross_entropy
+        with hidden_states_out(inner) as weight:
+            hidden = model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=keep, **inputs).logits
+        if hidden.dim() == 3:
+            hidden = hidden[keep]
+        return -token_log_probs(hidden, weight, targets)[0].sum()
     out = model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=keep, **inputs)
     logits = out.logits
     if logits.dim() == 3:  # a model that returned every position
         logits = logits[keep]
     return token_loss_sum(logits, targets)
+
+
+def _innermost(model):
+    """The transformers model under accelerate / DDP (``.module``) and PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @dataclass
@@ -415,6 +434,8 @@ def train_sft(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import get_cosine_schedule_with_warmup
 
+    from . import lora_dropout
+
     started = time.perf_counter()
     out_dir = Path(out_dir)
     # cpu=True where there is no GPU, so that torchrun / accelerate launch give multi-CPU (gloo) runs
@@ -453,7 +474,7 @@ def train_sft(
                              task_type="CAUSAL_LM")
     set_seed(seed)  # the adapter's initial weights depend on the seed only
     model = get_peft_model(model, lora_config)
-    fast_dropout = use_fast_lora_dropout(model)
+    fast_dropout = lora_dropout.use_fast_lora_dropout(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
