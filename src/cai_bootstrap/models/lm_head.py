@@ -51,14 +51,3 @@ def plain_lm_head(model) -> bool:
     return (isinstance(model.get_output_embeddings(), torch.nn.Linear)
             and not any(getattr(config, k, None) is not None for k in SCALED_LOGITS))
 
-
-@contextmanager
-def hidden_states_out(model):
-    """Within the block the output embedding returns its input, so the model's ``logits`` are the
-    final hidden states of the kept positions (for a loss that does its own projection)."""
-    head = model.get_output_embeddings()
-    head.forward = lambda x: x
-    try:
-        yield head.weight
-    finally:
-        del head.forward

@@ -174,31 +174,11 @@ def _forward_loss(model, batch):
     # packed rows carry position_ids and must not pass a mask (see masking.PackedCollator)
     inputs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else \
         {"attention_mask": batch["attention_mask"]}
-    from ..models.lm_head import hidden_states_out, plain_lm_head
-    from .token_logprobs import token_log_probs
-
-    inner = _innermost(model)
-    head = inner.get_output_embeddings()
-    if batch["input_ids"].device.type == "cpu" and head.bias is None and plain_lm_head(inner):
-        # the kept positions' hidden states, projected by token_log_probs: the vocabulary in slices
-        # and one pass over the logits each way, instead of F.linear + cross_entropy
-        with hidden_states_out(inner) as weight:
-            hidden = model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=keep, **inputs).logits
-        if hidden.dim() == 3:
-            hidden = hidden[keep]
-        return -token_log_probs(hidden, weight, targets)[0].sum()
     out = model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=keep, **inputs)
     logits = out.logits
     if logits.dim() == 3:  # a model that returned every position
         logits = logits[keep]
     return token_loss_sum(logits, targets)
-
-
-def _innermost(model):
-    """The transformers model under accelerate / DDP (``.module``) and PEFT wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @dataclass
