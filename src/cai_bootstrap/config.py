@@ -109,8 +109,9 @@ class SFTConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=16)
     packing: bool = True
-    """Pack each micro-batch's examples into rows of max_length tokens (padding-free; attention stays
-    within each example). Same loss as padded rows; off: one right-padded row per example."""
+    """Pack each micro-batch's examples into balanced rows of about max_length tokens (padding-free;
+    attention stays within each example). Same loss as padded rows; off: one right-padded row per
+    example."""
     eval_share: float = Field(0.1, ge=0, lt=1)
     max_drop_share: float = Field(0.01, ge=0, le=1)
     """Fail if more than this share of examples is dropped by masking (unfindable boundary, too long)."""
@@ -160,8 +161,9 @@ class DPOConfig(Section):
     max_length: int = Field(256, ge=16)
     precompute_ref_log_probs: bool = True
     packing: bool = True
-    """Run TRL's forwards padding-free (chosen and rejected packed into rows of the batch's width) and
-    project only completion tokens onto the vocabulary; same log-probs as TRL's padded forward."""
+    """Run TRL's forwards padding-free (each pair's prompt once, its chosen and rejected completions
+    after it, in rows) and project only completion tokens onto the vocabulary; same log-probs as
+    TRL's padded forward."""
     logging_steps: int = Field(5, ge=1)
 
 
