@@ -160,3 +160,17 @@ def test_sliced_lm_head_gives_the_same_logits_and_is_removed_after(tiny, monkeyp
             sliced = tiny.model(input_ids=ids).logits
     assert "forward" not in vars(tiny.model.get_output_embeddings())
     torch.testing.assert_close(sliced, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [[0, 4, 2], [2, 0, 1]], ids=["movers-fill-holes", "any-order"])
+def test_preallocated_layer_keeps_the_selected_rows(order):
+    import torch
+
+    from cai_bootstrap.generation.engine import _preallocated_layer
+
+    layer = _preallocated_layer(capacity=6)()
+    keys = torch.arange(5 * 2 * 4 * 3, dtype=torch.float32).view(5, 2, 4, 3)
+    layer.update(keys, -keys)
+    layer.batch_select_indices(torch.tensor(order))
+    assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, -keys[order])
+    assert layer.get_seq_length() == 4 and layer._k.shape[2] == 6  # the capacity is kept

@@ -185,18 +185,24 @@ def _preallocated_layer(capacity: int):
             return self.length if self.is_initialized else 0
 
         def batch_select_indices(self, indices) -> None:
-            if self.is_initialized:
-                self._k, self._v = self._k[indices], self._v[indices]
-                self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            """Keep rows ``indices`` (new row i is old row ``indices[i]``). Where every row that
+            changes slot comes from past the new size (the order ``_fill_order`` makes), only those
+            rows are copied, and only their filled positions; the batch is then cut (a view).
+            Otherwise every row is gathered."""
+            if not self.is_initialized:
+                return
+            import torch
 
-        def fill_holes(self, holes, movers, keep: int) -> None:
-            """Rows ``movers`` (all at or past ``keep``) move into the finished rows ``holes``, and
-            the batch is cut to its first ``keep`` rows (a view). Only the moved rows' filled
-            positions are copied, where ``batch_select_indices`` copies every row."""
-            if len(holes):
-                self._k[holes, :, :self.length] = self._k[movers, :, :self.length]
-                self._v[holes, :, :self.length] = self._v[movers, :, :self.length]
-            self._k, self._v = self._k[:keep], self._v[:keep]
+            keep = len(indices)
+            slots = torch.arange(keep, device=indices.device)
+            moved = indices != slots
+            if bool((indices[moved] >= keep).all()):
+                holes, movers, end = slots[moved], indices[moved], self.length
+                self._k[holes, :, :end] = self._k[movers, :, :end]
+                self._v[holes, :, :end] = self._v[movers, :, :end]
+                self._k, self._v = self._k[:keep], self._v[:keep]
+            else:
+                self._k, self._v = self._k[indices], self._v[indices]
             self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
     return PreallocatedLayer
@@ -328,13 +334,7 @@ class Engine:
                 if len(keep) < len(live):  # finished rows leave the batch: the last live rows fill their slots
                     order = _fill_order(keep, len(live))
                     index = torch.tensor(order, device=device)
-                    holes = [s for s, src in enumerate(order) if src != s]
-                    if hasattr(cache.layers[0], "fill_holes"):
-                        movers = index[holes]
-                        for layer in cache.layers:
-                            layer.fill_holes(torch.tensor(holes, device=device), movers, len(order))
-                    else:
-                        cache.batch_select_indices(index)
+                    cache.batch_select_indices(index)
                     tokens, attention, next_position = tokens[index], attention[index], next_position[index]
                     live = [live[s] for s in order]
                 attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)

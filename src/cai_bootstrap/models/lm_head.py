@@ -50,4 +50,3 @@ def plain_lm_head(model) -> bool:
     config = model.config.get_text_config()
     return (isinstance(model.get_output_embeddings(), torch.nn.Linear)
             and not any(getattr(config, k, None) is not None for k in SCALED_LOGITS))
-

@@ -41,15 +41,18 @@ class TokenLogProbs(torch.autograd.Function):
         grad = any(ctx.needs_input_grad[:2])  # (grad mode itself is off inside forward)
         kept = (torch.empty((n, vocab), dtype=torch.float32, device=hidden.device)
                 if grad and n * vocab * 4 <= KEEP_BYTES else None)
-        separate_exp = want["entropy"] or want["log_sum_sq_probs"]
-        rows = min(n, TOKEN_TILE)
-        tile = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device) \
-            if kept is None or separate_exp else None
-        exp = (torch.empty_like(tile) if kept is None else kept) if separate_exp else None
+        separate_exp = want["entropy"] or want["log_sum_sq_probs"]  # these read z and exp(z) together
+
+        def scratch():
+            return torch.empty((min(n, TOKEN_TILE), vocab), dtype=torch.float32, device=hidden.device)
+
+        # logits go to kept directly unless exp(z) must sit beside them; exp(z) goes to kept when kept
+        logit_buf = scratch() if kept is None or separate_exp else None
+        exp_buf = scratch() if separate_exp and kept is None else None
         totals = torch.empty_like(log_probs)
         for a in range(0, n, TOKEN_TILE):
             b = min(a + TOKEN_TILE, n)
-            z = project(h[a:b], w, tile[:b - a] if tile is not None else kept[a:b])
+            z = project(h[a:b], w, kept[a:b] if logit_buf is None else logit_buf[:b - a])
             t = targets[a:b, None]
             top = z.amax(-1)
             z.sub_(top[:, None])  # z <= 0 from here on: exp cannot overflow
@@ -58,7 +61,10 @@ class TokenLogProbs(torch.autograd.Function):
             if want["mean_logits"]:
                 extra["mean_logits"][a:b] = z.sum(-1) / vocab + top
             target_z = z.gather(1, t).squeeze(1)
-            e = torch.exp(z, out=exp[a:b] if exp is kept else exp[:b - a]) if exp is not None else z.exp_()
+            if separate_exp:
+                e = torch.exp(z, out=kept[a:b] if kept is not None else exp_buf[:b - a])
+            else:
+                e = z.exp_()  # in kept[a:b] when kept
             total = totals[a:b] = e.sum(-1)
             log_total = total.log()
             log_probs[a:b] = target_z - log_total
