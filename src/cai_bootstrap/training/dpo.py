@@ -464,6 +464,8 @@ def _trainer_class():
     from transformers import TrainerCallback
     from trl import DPOTrainer
 
+    from .fused_lora import use_fused_lora
+
     class LogLastStep(TrainerCallback):
         """Log at the last step too, so the final reward accuracy and margin are recorded."""
 
@@ -483,6 +485,7 @@ def _trainer_class():
             self.ref_forward_batches = 0
             kwargs.setdefault("callbacks", []).append(LogLastStep())
             super().__init__(*args, **kwargs)
+            self.fused_lora_layers = use_fused_lora(self.model)
             # With tqdm off (not a terminal) transformers prints every log dict; the history is
             # kept in training.json and the step prints its own summary.
             from transformers.trainer_callback import PrinterCallback
@@ -787,6 +790,8 @@ def train_dpo(
         "trainer_args": setup.trainer_args,
         "lora_args": setup.lora_args,
         "lora_dropout_effective": 0.0,  # TRL's disable_dropout=True zeroes every nn.Dropout, LoRA's included
+        "lora_layers": (f"training.fused_lora ({trainer.fused_lora_layers} layers)" if trainer.fused_lora_layers
+                        else "peft"),
         "resolved_trainer_arguments": json.loads(json.dumps(trainer.args.to_dict(), default=str)),
         "tokenization": {
             "chat_template": False,

@@ -414,7 +414,7 @@ def train_sft(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import get_cosine_schedule_with_warmup
 
-    from . import lora_dropout
+    from . import fused_lora, lora_dropout
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -455,6 +455,7 @@ def train_sft(
     set_seed(seed)  # the adapter's initial weights depend on the seed only
     model = get_peft_model(model, lora_config)
     fast_dropout = lora_dropout.use_fast_lora_dropout(model)
+    fused_layers = fused_lora.use_fused_lora(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -563,7 +564,8 @@ def train_sft(
         "adapter_dir": str(out_dir),
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                  "target_modules": target, "task_type": "CAUSAL_LM",
-                 "dropout_masks": "training.lora_dropout (PCG64)" if fast_dropout else "torch"},
+                 "dropout_masks": "training.lora_dropout (PCG64)" if fast_dropout else "torch",
+                 "layers": f"training.fused_lora ({fused_layers} layers)" if fused_layers else "peft"},
         "hyperparameters": {
             **cfg.model_dump(mode="json"),
             "num_processes": nproc,
