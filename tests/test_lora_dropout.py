@@ -20,6 +20,16 @@ def test_keep_rate_is_one_minus_p_within_sampling_error(p):
     m = keep_mask((n // 2, 2), p, np.random.PCG64(1)).float()
     both = float((m[:, 0] * m[:, 1]).mean())
     assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / (n // 2))
+    # drops are neither bunched nor evenly spread: per-block counts have the binomial variance
+    counts = (~keep_mask((2000, 1000), p, np.random.PCG64(2))).sum(1).double()
+    assert abs(float(counts.var()) / (1000 * p * (1 - p)) - 1) < 0.2  # sd of the ratio ~0.03
+
+
+def test_masks_of_any_length_at_a_high_drop_rate():
+    for n in (0, 1, 7, 100):
+        mask = keep_mask((n,), 0.9, np.random.PCG64(n))
+        assert mask.shape == (n,) and mask.dtype == torch.bool
+    assert not keep_mask((50_000,), 0.999, np.random.PCG64(0)).all()
 
 
 def test_forward_and_backward_scale_kept_values_and_zero_the_rest():
