@@ -383,3 +383,42 @@ def test_dpo_step_on_two_processes_matches_one_process_and_the_parent_records_it
     run.path("models/sft/adapter_config.json").write_text("{}")
     with pytest.raises(ParityError, match="num_processes: 2 != 1"):
         dpo_step.run_dpo(run, "sft")
+
+
+@pytest.mark.distributed
+def test_a_launched_workers_error_reaches_the_parent(tiny_model_folder, tmp_path, monkeypatch):
+    """Launched DPO on a pairs file with a bad record: the parent raises StepFailed with the workers'
+    error (file, line, field, each distinct error once with its ranks), not the launcher's exit status,
+    and the manifest records it."""
+    from cai_bootstrap.config import load_config
+    from cai_bootstrap.files import write_jsonl
+    from cai_bootstrap.run import Run, StepFailed
+    from cai_bootstrap.steps import dpo as dpo_step
+
+    for k, v in launch_env().items():
+        monkeypatch.setenv(k, v)
+    run = Run(tmp_path / "run", load_config(None, [f"model.base={tiny_model_folder}"]))
+    path = write_jsonl(run.path("data/pairs.jsonl"), dpo_pairs())
+    lines = path.read_text(encoding="utf-8").splitlines()
+    broken = json.loads(lines[1])
+    broken["negative_type"] = "sarcasm"
+    path.write_text("\n".join([lines[0], json.dumps(broken), *lines[2:]]) + "\n", encoding="utf-8")
+    (run.dir / ".worker-errors").mkdir()
+    (run.dir / ".worker-errors" / "dpo-base.5.json").write_text('{"stale": true}')  # an earlier launch's
+
+    with pytest.raises(StepFailed) as failed:
+        dpo_step.run_dpo(run, "base", accelerate_config=CPU_2PROC)
+    message = str(failed.value)
+    assert message.startswith("dpo-base failed under accelerate launch (exit status ")
+    assert message.count("\n  process 0, 1: ArtifactError: ") == 1  # both ranks, one line
+    assert "pairs.jsonl:2: negative_type" in message and "stale" not in message
+    step = json.loads(run.manifest_path.read_text())["steps"]["dpo_only"]
+    assert step["status"] == "failed" and "pairs.jsonl:2: negative_type" in json.dumps(step)
+
+
+def test_launch_failure_without_reports_points_at_the_processes_output(tmp_path):
+    from cai_bootstrap.launching import launch_failure
+
+    assert launch_failure(tmp_path, "sft", "sft", 137) == (
+        "sft failed under accelerate launch (exit status 137) before any process reported an error; "
+        "their output is above")

@@ -218,3 +218,19 @@ def test_vllm_engine_gives_the_hf_engine_records(tmp_path, varied_model_folder, 
     assert calls["params"][0] == {"max_tokens": 10, "temperature": 0.0, "top_p": 1.0, "seed": None,
                                   "stop": list(stops), "include_stop_str_in_output": True, "stop_token_ids": [eos],
                                   "skip_special_tokens": False}
+
+
+@pytest.mark.distributed
+def test_a_launched_generation_error_reaches_the_parent(tmp_path):
+    """Every process fails to load the model: the parent raises the processes' error (once, with its
+    ranks), not the launcher's exit status."""
+    from cai_bootstrap.generation.launched import LaunchedEngine, LaunchModel
+    from cai_bootstrap.run import StepFailed
+
+    missing = tmp_path / "no-such-model"
+    engine = LaunchedEngine(LaunchModel(spec=str(missing)), accelerate_config=CPU_2PROC, work_dir=tmp_path / "work")
+    with pytest.raises(StepFailed) as failed:
+        engine.generate(["Instruction: Say hi.\nResponse:"], Decoding(max_new_tokens=4))
+    message = str(failed.value)
+    assert message.startswith(f"generation with {missing} failed under accelerate launch (exit status ")
+    assert "\n  process 0, 1: ModelNotAvailable: " in message and "neither an embedded name" in message

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..launching import ERRORS_DIR, launch, reporting_errors
 from .engine import Decoding, Generation, GenerationStats
 
 Job = tuple[Sequence[str], Decoding]
@@ -72,15 +70,12 @@ class LaunchedEngine:
 
         if not Path(self.accelerate_config).is_file():
             raise FileNotFoundError(f"accelerate config {self.accelerate_config} not found")
-        stem = Path(self.work_dir) / f"generate-{uuid.uuid4().hex[:12]}"
-        request, result = stem.with_suffix(".request.json"), stem.with_suffix(".result.json")
+        tag = f"generate-{uuid.uuid4().hex[:12]}"
+        request, result = _request_path(self.work_dir, tag), Path(self.work_dir) / f"{tag}.result.json"
         atomic_write_json(request, {"model": asdict(self.model),
                                     "jobs": [{"prompts": list(p), "decoding": d.as_dict()} for p, d in jobs]})
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(self.accelerate_config),
-               "-m", "cai_bootstrap.generation.launched", str(request), str(result)]
-        env = {**os.environ}
-        env.setdefault("OMP_NUM_THREADS", "1")  # N processes on a CPU machine must not oversubscribe its cores
-        subprocess.run(cmd, check=True, env=env)
+        launch(self.accelerate_config, "cai_bootstrap.generation.launched", [str(request), str(result)],
+               errors=_errors_dir(request), tag=tag, what=f"generation with {self.model.spec}")
         out = json.loads(result.read_text(encoding="utf-8"))
         request.unlink()
         result.unlink()
@@ -97,20 +92,32 @@ class LaunchedEngine:
         return gens
 
 
+def _request_path(work_dir, tag: str) -> Path:
+    return Path(work_dir) / f"{tag}.request.json"
+
+
+def _errors_dir(request: Path) -> Path:
+    return request.parent / ERRORS_DIR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The launched side: every process loads the model and generates its shard of every job."""
     ap = argparse.ArgumentParser(description="Sharded generation of a request; run under accelerate launch.")
     ap.add_argument("request", type=Path)
     ap.add_argument("result", type=Path, help="written by process 0")
     args = ap.parse_args(argv)
+    with reporting_errors(_errors_dir(args.request), args.request.name.removesuffix(".request.json")):
+        return _generate(args.request, args.result)
 
+
+def _generate(request: Path, result: Path) -> int:
     from ..files import atomic_write_json
     from ..models.loading import fingerprint, load_model
     from .distributed import _state, generate_sharded
     from .engine import Engine
 
     state = _state()
-    req = json.loads(args.request.read_text(encoding="utf-8"))
+    req = json.loads(request.read_text(encoding="utf-8"))
     m = LaunchModel(**{**req["model"], "adapters": tuple(req["model"]["adapters"])})
     device = "cpu" if state.device.type == "cpu" else str(state.device)
     loaded = load_model(m.spec, quantization=m.quantization, dtype=m.dtype, adapters=list(m.adapters),
@@ -118,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = Engine(loaded.model, loaded.tokenizer, batch_size=m.batch_size, add_bos=m.add_bos)
     jobs = [generate_sharded(engine, job["prompts"], decoding_from_dict(job["decoding"])) for job in req["jobs"]]
     if state.is_main_process:
-        atomic_write_json(args.result, {
+        atomic_write_json(result, {
             "processes": state.num_processes, "provenance": loaded.provenance, "fingerprint": fingerprint(loaded.model),
             "stats": vars(engine.stats), "jobs": [[asdict(g) for g in gens] for gens in jobs]})
     state.wait_for_everyone()

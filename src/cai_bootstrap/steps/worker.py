@@ -2,7 +2,8 @@
 
 The parent process owns the run directory and the manifest; the workers only read them and train.
 The trainers write the adapter, training.json (and DPO's reference cache) from the main process
-alone, and the parent records the step from training.json.
+alone, and the parent records the step from training.json. A worker's error reaches the parent
+through ``launching``.
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m cai_bootstrap.steps.worker sft --run-dir RUN
     ... -m cai_bootstrap.steps.worker dpo-sft --run-dir RUN     (dpo-base: the DPO-only baseline)
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from .. import launching
+from ..launching import ERRORS_DIR, reporting_errors
 from ..run import Run, StepFailed
 
 STEPS = ("sft", "dpo-sft", "dpo-base")
@@ -33,16 +34,12 @@ def check_accumulation(accelerate_config: Path, section: str, steps: int) -> Non
 
 
 def launch(step: str, run_dir: Path, accelerate_config: Path, resume: bool = False) -> None:
-    """Run a training step under `accelerate launch` in subprocesses; raise if any worker fails."""
+    """Run a training step under `accelerate launch` in subprocesses; raise the workers' errors if any fails."""
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}")
-    if not accelerate_config.is_file():
-        raise FileNotFoundError(f"accelerate config {accelerate_config} not found")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-           "-m", "cai_bootstrap.steps.worker", step, "--run-dir", str(run_dir)] + (["--resume"] if resume else [])
-    env = {**os.environ}
-    env.setdefault("OMP_NUM_THREADS", "1")  # N processes on a CPU machine must not oversubscribe its cores
-    subprocess.run(cmd, check=True, env=env)
+    launching.launch(accelerate_config, "cai_bootstrap.steps.worker",
+                     [step, "--run-dir", str(run_dir)] + (["--resume"] if resume else []),
+                     errors=run_dir / ERRORS_DIR, tag=step, what=step)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything touches CUDA: otherwise every process's model and CUDA context land on GPU 0
         # (DPO loads its model before TRL's accelerator exists).
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    run = Run.open_existing(args.run_dir)
-    if args.step == "sft":
-        from .sft import train_sft_here
+    with reporting_errors(args.run_dir / ERRORS_DIR, args.step):
+        run = Run.open_existing(args.run_dir)
+        if args.step == "sft":
+            from .sft import train_sft_here
 
-        train_sft_here(run, args.resume)
-    else:
-        from .dpo import train_dpo_here
+            train_sft_here(run, args.resume)
+        else:
+            from .dpo import train_dpo_here
 
-        train_dpo_here(run, args.step.removeprefix("dpo-"))
+            train_dpo_here(run, args.step.removeprefix("dpo-"))
     import torch.distributed as dist
 
     if dist.is_initialized():
