@@ -10,8 +10,9 @@ Here one node does it:
 - with dropout (SFT) the forward adds ``s * h @ B.T`` into the base output in place (``addmm_``),
   and the backward adds the LoRA input gradient the same way.
 
-Only the input (``x``) and the dropout mask are saved: the rest is recomputed from the weights, so
-activation memory is below PEFT's (which keeps ``dropout(x)`` and ``h`` too). The masks come from
+Only the input (``x``) and the dropout multiplier (mask / (1 - p)) are saved; the rest is recomputed
+from the weights, so activation memory stays below PEFT's (which keeps ``dropout(x)``, its mask and
+``h``). The masks come from
 the layer's :class:`~.lora_dropout.LoRADropout` in the same order as PEFT's forward draws them, so
 a run's RNG stream is unchanged. A call the node does not cover (adapter disabled or merged,
 several adapters, extra arguments, a trainable base weight, autocast, a non-fp32 or non-CPU
@@ -29,37 +30,37 @@ from .lora_dropout import LoRADropout
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, keep, keep_scale):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout):
+        # dropout: None, or the mask times 1 / (1 - p) as x's dtype, shaped [tokens, in]
         flat = x.reshape(-1, x.shape[-1])
-        if keep is None:
+        if dropout is None:
             out = torch.nn.functional.linear(flat, torch.addmm(weight, lora_b, lora_a, alpha=scaling), bias)
         else:
             out = torch.nn.functional.linear(flat, weight, bias)
-            h = (flat * keep).mul_(keep_scale) @ lora_a.t()
-            out.addmm_(h, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, keep)
-        ctx.scaling, ctx.keep_scale, ctx.has_bias = scaling, keep_scale, bias is not None
+            out.addmm_((flat * dropout) @ lora_a.t(), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, dropout)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, keep = ctx.saved_tensors
+        x, weight, lora_a, lora_b, dropout = ctx.saved_tensors
         s = ctx.scaling
         flat = x.reshape(-1, x.shape[-1])
         g = grad.reshape(-1, grad.shape[-1])
-        lora_in = flat if keep is None else (flat * keep).mul_(ctx.keep_scale)
+        lora_in = flat if dropout is None else flat * dropout
         gh = (g @ lora_b).mul_(s)  # d loss / d h, h = dropout(x) @ A.T
         grad_a = gh.t() @ lora_in
         grad_b = (g.t() @ (lora_in @ lora_a.t())).mul_(s)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if keep is None:
+            if dropout is None:
                 grad_x = g @ torch.addmm(weight, lora_b, lora_a, alpha=s)
             else:
-                grad_x = (g @ weight).add_((gh @ lora_a).mul_(keep).mul_(ctx.keep_scale))
+                grad_x = (g @ weight).add_((gh @ lora_a).mul_(dropout))
             grad_x = grad_x.view(x.shape)
         grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -68,14 +69,15 @@ def _fused_forward(self, x, *args, **kwargs):
     name = self.active_adapters[0]
     base = self.base_layer
     dropout = self.lora_dropout[name]
-    keep, keep_scale = None, 1.0
+    multiplier = None
     if isinstance(dropout, LoRADropout) and dropout.training and dropout.p > 0:
-        keep, keep_scale = dropout.keep_mask(x.shape[:-1].numel(), x.shape[-1]), 1.0 / (1.0 - dropout.p)
+        keep = dropout.keep_mask(x.shape[:-1].numel(), x.shape[-1])
+        multiplier = keep.to(x.dtype).mul_(1.0 / (1.0 - dropout.p))
     elif not isinstance(dropout, torch.nn.Identity | LoRADropout) and not (
             isinstance(dropout, torch.nn.Dropout) and (dropout.p == 0 or not dropout.training)):
         return self._peft_forward(x)
     return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                             float(self.scaling[name]), keep, keep_scale)
+                             float(self.scaling[name]), multiplier)
 
 
 def _covered(layer, x) -> bool:
