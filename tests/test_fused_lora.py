@@ -76,6 +76,19 @@ def test_uncovered_calls_run_pefts_forward(monkeypatch):
     assert any(n.endswith("base_layer.weight") for n in grads)
 
 
+def test_torchs_own_active_dropout_runs_pefts_forward(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 40)),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["0"])).train()
+    assert use_fused_lora(model) == 1
+    monkeypatch.setattr(fused_lora._LoRALinear, "apply", lambda *a: pytest.fail("fused path taken"))
+    model(torch.randn(4, 24))  # nn.Dropout(0.3): PEFT's forward, torch's masks
+    model.eval()
+    with pytest.raises(pytest.fail.Exception):  # inactive in eval mode: the fused node
+        model(torch.randn(4, 24))
+
+
 def test_eval_mode_draws_no_mask():
     _, fused = _lora_pair(0.3, False)
     fused.eval()

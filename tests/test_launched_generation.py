@@ -234,3 +234,4 @@ def test_a_launched_generation_error_reaches_the_parent(tmp_path):
     message = str(failed.value)
     assert message.startswith(f"generation with {missing} failed under accelerate launch (exit status ")
     assert "\n  process 0, 1: ModelNotAvailable: " in message and "neither an embedded name" in message
+    assert not list((tmp_path / "work").glob("generate-*"))  # the request (and any result) cleaned up

@@ -68,17 +68,17 @@ class LaunchedEngine:
         """Every job in one launch; an empty list only loads the model (for its fingerprint)."""
         from ..files import atomic_write_json
 
-        if not Path(self.accelerate_config).is_file():
-            raise FileNotFoundError(f"accelerate config {self.accelerate_config} not found")
         tag = f"generate-{uuid.uuid4().hex[:12]}"
-        request, result = _request_path(self.work_dir, tag), Path(self.work_dir) / f"{tag}.result.json"
+        request, result = (Path(self.work_dir) / f"{tag}.{kind}.json" for kind in ("request", "result"))
         atomic_write_json(request, {"model": asdict(self.model),
                                     "jobs": [{"prompts": list(p), "decoding": d.as_dict()} for p, d in jobs]})
-        launch(self.accelerate_config, "cai_bootstrap.generation.launched", [str(request), str(result)],
-               errors=_errors_dir(request), tag=tag, what=f"generation with {self.model.spec}")
-        out = json.loads(result.read_text(encoding="utf-8"))
-        request.unlink()
-        result.unlink()
+        try:  # launch checks the accelerate config; the request and result are scratch either way
+            launch(self.accelerate_config, "cai_bootstrap.generation.launched", [str(request), str(result)],
+                   errors=_errors_dir(request), tag=tag, what=f"generation with {self.model.spec}")
+            out = json.loads(result.read_text(encoding="utf-8"))
+        finally:
+            request.unlink()
+            result.unlink(missing_ok=True)
         self.loaded = {k: out[k] for k in ("provenance", "fingerprint", "processes")}
         for k, v in out["stats"].items():
             setattr(self.stats, k, getattr(self.stats, k) + v)
@@ -90,10 +90,6 @@ class LaunchedEngine:
             for g in gens:
                 progress(len(g), sum(x.completion_tokens for x in g))
         return gens
-
-
-def _request_path(work_dir, tag: str) -> Path:
-    return Path(work_dir) / f"{tag}.request.json"
 
 
 def _errors_dir(request: Path) -> Path:

@@ -12,11 +12,10 @@ Here one node does it:
 
 Only the input (``x``) and the dropout multiplier (mask / (1 - p)) are saved; the rest is recomputed
 from the weights, so activation memory stays below PEFT's (which keeps ``dropout(x)``, its mask and
-``h``). The masks come from
-the layer's :class:`~.lora_dropout.LoRADropout` in the same order as PEFT's forward draws them, so
-a run's RNG stream is unchanged. A call the node does not cover (adapter disabled or merged,
-several adapters, extra arguments, a trainable base weight, autocast, a non-fp32 or non-CPU
-tensor) runs PEFT's own forward.
+``h``). The masks come from the layer's :class:`~.lora_dropout.LoRADropout` in the same order as
+PEFT's forward draws them, so a run's RNG stream is unchanged. A call the node does not cover
+(adapter disabled or merged, several adapters, extra arguments, a trainable base weight, autocast,
+a non-fp32 or non-CPU tensor, an active dropout drawing torch's own masks) runs PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ class _LoRALinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         lora_in = flat if dropout is None else flat * dropout
         gh = (g @ lora_b).mul_(s)  # d loss / d h, h = dropout(x) @ A.T
-        grad_a = gh.t() @ lora_in
-        grad_b = (g.t() @ (lora_in @ lora_a.t())).mul_(s)
+        grad_a = gh.t() @ lora_in if ctx.needs_input_grad[3] else None
+        grad_b = (g.t() @ (lora_in @ lora_a.t())).mul_(s) if ctx.needs_input_grad[4] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             if dropout is None:
@@ -70,12 +69,11 @@ def _fused_forward(self, x, *args, **kwargs):
     base = self.base_layer
     dropout = self.lora_dropout[name]
     multiplier = None
-    if isinstance(dropout, LoRADropout) and dropout.training and dropout.p > 0:
+    if dropout.training and getattr(dropout, "p", 0.0) > 0:  # nn.Identity has no p
+        if not isinstance(dropout, LoRADropout):
+            return self._peft_forward(x)  # torch's own masks: another RNG stream
         keep = dropout.keep_mask(x.shape[:-1].numel(), x.shape[-1])
         multiplier = keep.to(x.dtype).mul_(1.0 / (1.0 - dropout.p))
-    elif not isinstance(dropout, torch.nn.Identity | LoRADropout) and not (
-            isinstance(dropout, torch.nn.Dropout) and (dropout.p == 0 or not dropout.training)):
-        return self._peft_forward(x)
     return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                              float(self.scaling[name]), multiplier)
 
@@ -84,7 +82,8 @@ def _covered(layer, x) -> bool:
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return False
     name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in layer.lora_variant or layer.lora_B[name].bias is not None:
+    if name not in layer.lora_A or name in layer.lora_variant or layer.lora_B[name].bias is not None \
+            or not isinstance(layer.lora_dropout[name], torch.nn.Identity | torch.nn.Dropout | LoRADropout):
         return False
     weight = layer.base_layer.weight
     tensors = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
