@@ -2,8 +2,9 @@
 
 A launched process that fails writes its error to ``ERRORS_DIR/TAG.RANK.json`` beside the work it
 was given (:func:`reporting_errors`); when the launch exits non-zero, :func:`launch` raises
-``StepFailed`` with each distinct error once and the ranks that hit it, not the launcher's exit
-status (the processes' own output, tracebacks included, is printed above it as usual).
+``StepFailed`` with each distinct error once and the ranks that reported it, not the launcher's
+exit status (the processes' own output, tracebacks included, is printed above it as usual). The
+launcher stops the other processes when one fails, so some ranks may not get to report.
 """
 
 from __future__ import annotations
