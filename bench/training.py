@@ -10,8 +10,9 @@ SFT: TRL ``SFTTrainer`` on a prompt/completion dataset (completion-only loss; TR
 ``train_sft``. Throughput = supervised tokens (response + END + EOS, summed over the epoch) / wall
 time of the training loop only (TRL: ``on_train_begin`` -> ``on_train_end``; ours: the loop timer
 of ``train_sft``); model load, tokenization and saving excluded. Matched settings where TRL's
-defaults differ from ours: fp32 (TRL defaults to bf16 autocast), no activation checkpointing
-(TRL defaults to it), no gradient clipping (ours has none), ``logging_steps=1`` on both.
+defaults differ from ours: the same autocast on both sides (``--mixed-precision``; auto is bf16 only
+where the device computes it natively, where TRL defaults to bf16 everywhere), no activation
+checkpointing (TRL defaults to it), no gradient clipping (ours has none), ``logging_steps=1`` on both.
 
 DPO: TRL ``DPOTrainer`` with TRL's default ``precompute_ref_log_probs=False`` (a reference forward,
 adapter disabled, inside every step) vs ``train_dpo`` (reference log-probs precomputed before the
@@ -25,7 +26,7 @@ whatever earlier runs left to the allocator; the "+MB" column is the rise over t
 of that run). On CUDA, peak allocated GPU memory is shown too.
 
     .venv/bin/python bench/training.py [--model smollm2-135m|tiny|PATH] [--steps 8] [--batch-size 8]
-        [--max-length 256] [--repeats 3] [--only sft|dpo|all] [--threads N]
+        [--max-length 256] [--repeats 3] [--only sft|dpo|all] [--threads N] [--mixed-precision auto|no|bf16]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from cai_bootstrap.data.pool import builtin_pool
 from cai_bootstrap.data.sampling import stratified_sample
 from cai_bootstrap.formats import completion_for, prompt_for
 from cai_bootstrap.models.loading import load_model, load_tokenizer, resolve
+from cai_bootstrap.models.precision import resolve_mixed_precision
 from cai_bootstrap.schemas import PreferencePair
 from cai_bootstrap.training import dpo as dpo_mod
 from cai_bootstrap.training.masking import encode_dataset
@@ -225,7 +227,8 @@ def _drop_printer(trainer) -> None:
 
 def sft_config(args) -> SFTConfig:
     return SFTConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                     eval_share=0.0, save_steps=10**9, logging_steps=1, max_drop_share=0.0)
+                     eval_share=0.0, save_steps=10**9, logging_steps=1, max_drop_share=0.0,
+                     mixed_precision=args.mixed_precision)
 
 
 def trl_sft_arguments(cfg: SFTConfig, out_dir: Path) -> dict[str, Any]:
@@ -238,7 +241,8 @@ def trl_sft_arguments(cfg: SFTConfig, out_dir: Path) -> dict[str, Any]:
         "max_steps": cfg.max_steps, "per_device_train_batch_size": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "activation_checkpointing": False,  # TRL's default is on; ours never checkpoints
-        "bf16": False, "fp16": False,  # train_sft runs in the model's dtype (fp32), no autocast
+        "bf16": resolve_mixed_precision(cfg.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")[0] == "bf16",
+        "fp16": False,  # the same autocast as train_sft (TRL's default is bf16 wherever it runs)
         "use_cpu": not torch.cuda.is_available(),
         "logging_strategy": "steps", "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no",
         "report_to": "none", "disable_tqdm": True, "dataloader_num_workers": 0,
@@ -322,7 +326,8 @@ def bench_sft(args, tmp: Path) -> None:
 
     print(f"\nSFT: {args.steps} optimizer steps x batch {args.batch_size} = {n} examples, one epoch on each side; "
           f"max_length {cfg.max_length}; LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} dropout={cfg.lora.dropout} "
-          f"{cfg.lora.target_modules}; lr {cfg.learning_rate:g} cosine, warmup {cfg.warmup_ratio:g}; fp32; "
+          f"{cfg.lora.target_modules}; lr {cfg.learning_rate:g} cosine, warmup {cfg.warmup_ratio:g}; "
+          f"autocast {resolve_mixed_precision(cfg.mixed_precision, 'cuda' if torch.cuda.is_available() else 'cpu')[0]}; "
           f"median of {args.repeats}")
     print(f"data: {len(encoded)} kept of {n} (dropped {drops or 0}); {tokens} non-pad tokens, {sup} supervised "
           f"(response+END+EOS); TRL's tokenization: {trl_tokens} tokens, {trl_sup} supervised, "
@@ -344,7 +349,8 @@ def bench_sft(args, tmp: Path) -> None:
 
 
 def dpo_config(args) -> DPOConfig:
-    return DPOConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, logging_steps=1)
+    return DPOConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, logging_steps=1,
+                     mixed_precision=args.mixed_precision)
 
 
 def _timed(cls, timer, ref_time: list[float]):
@@ -499,10 +505,12 @@ def machine_line(args) -> str:
     import trl
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    dev_kind = "cuda" if torch.cuda.is_available() else "cpu"
     return (f"machine: {platform.machine()}, {os.cpu_count()} logical cores "
             f"({psutil.cpu_count(logical=False)} physical), {torch.get_num_threads()} torch threads, device {dev}; "
             f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-            f"peft {peft.__version__}, accelerate {accelerate.__version__}; model {args.model} (fp32)")
+            f"peft {peft.__version__}, accelerate {accelerate.__version__}; model {args.model} (fp32 weights); "
+            f"autocast on both sides: {' / '.join(resolve_mixed_precision(args.mixed_precision, dev_kind))}")
 
 
 def tiny_model(folder: Path) -> str:
@@ -536,6 +544,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=("sft", "dpo", "all"), default="all")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
+                    help="training autocast, the same on both sides (auto: bf16 where native, see models/precision.py)")
     args = ap.parse_args()
     _quiet_libraries()
     if args.threads:

@@ -17,6 +17,7 @@ from .files import sha256_text
 
 Quantization = Literal["none", "8bit", "4bit"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
+MixedPrecision = Literal["auto", "no", "bf16"]
 NEGATIVE_KINDS = ("refusal", "format_violation", "incorrect_fact", "off_topic", "verbose_vague")
 
 
@@ -117,6 +118,10 @@ class SFTConfig(Section):
     """Fail if more than this share of examples is dropped by masking (unfindable boundary, too long)."""
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(5, ge=1)
+    mixed_precision: MixedPrecision = "auto"
+    """Autocast with fp32 weights and LoRA. auto: bf16 where the device computes it natively (a CUDA GPU
+    with bf16, a CPU with AVX-512 BF16 or AMX), fp32 elsewhere; no; bf16 (also where emulated: slow).
+    The decision and its reason are recorded in training.json."""
 
 
 class PairsConfig(Section):
@@ -165,6 +170,8 @@ class DPOConfig(Section):
     after it, in rows) and project only completion tokens onto the vocabulary; same log-probs as
     TRL's padded forward."""
     logging_steps: int = Field(5, ge=1)
+    mixed_precision: MixedPrecision = "auto"
+    """As sft.mixed_precision; both DPO runs resolve it alike (their parity check compares the result)."""
 
 
 class EvaluationConfig(Section):

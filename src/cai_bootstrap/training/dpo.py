@@ -120,18 +120,22 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def mixed_precision(cfg: DPOConfig) -> tuple[str, str]:
+    """(``"bf16"`` or ``"no"``, why): autocast for this device (:mod:`..models.precision`)."""
+    from ..models.precision import resolve_mixed_precision
+
+    return resolve_mixed_precision(cfg.mixed_precision, "cuda" if _has_cuda() else "cpu")
+
+
 def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int) -> dict[str, Any]:
     """The keyword arguments of TRL's ``DPOConfig`` for one run: the one place they are built.
 
-    Only ``output_dir`` depends on the run; the device decides ``use_cpu`` and ``bf16`` (autocast on
-    GPUs that support it). JSON-serialisable, so ``training.json`` records exactly what was used.
+    Only ``output_dir`` depends on the run; the device decides ``use_cpu``, and with
+    ``cfg.mixed_precision`` ``bf16`` (autocast). JSON-serialisable, so ``training.json`` records
+    exactly what was used.
     """
     cuda = _has_cuda()
-    bf16 = False
-    if cuda:
-        import torch
-
-        bf16 = bool(torch.cuda.is_bf16_supported())
+    precision, _ = mixed_precision(cfg)
     return {
         "output_dir": str(out_dir),
         "seed": seed,
@@ -161,7 +165,7 @@ def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int) -> dict[str, 
         "activation_checkpointing": False,  # transformers 5 name of gradient_checkpointing (TRL's default: on)
         # precision and device
         "use_cpu": not cuda,
-        "bf16": bf16,
+        "bf16": precision == "bf16",
         "fp16": False,
         # logging and saving: the adapter is saved once, at the end, by train_dpo
         "logging_strategy": "steps",
@@ -787,6 +791,7 @@ def train_dpo(
         "add_bos": add_bos,
         "seed": seed,
         "loss_type": cfg.loss_type,
+        "mixed_precision": dict(zip(("setting", "used", "reason"), (cfg.mixed_precision, *mixed_precision(cfg)))),
         "trainer_args": setup.trainer_args,
         "lora_args": setup.lora_args,
         "lora_dropout_effective": 0.0,  # TRL's disable_dropout=True zeroes every nn.Dropout, LoRA's included

@@ -70,6 +70,7 @@ from .. import config as config_mod
 from ..console import console
 from ..files import atomic_write_json, sha256_text
 from ..models.loading import default_device, fingerprint, load_model, load_tokenizer, resolve
+from ..models.precision import resolve_mixed_precision
 from .masking import IGNORE_INDEX, Encoded, MaskingError, PackedCollator, ResponseOnlyCollator, encode_dataset
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -401,7 +402,7 @@ def train_sft(
 
     ``training.json`` holds: base_model, base_fingerprint (of the base before LoRA), lora,
     hyperparameters (the config plus resolved values: processes, global batch, steps, warmup), seed,
-    add_bos, dtype, examples (given, kept, dropped by reason, train, eval), history (one entry per
+    add_bos, dtype, mixed_precision (setting, used, reason), examples (given, kept, dropped by reason, train, eval), history (one entry per
     ``logging_steps``: step, epoch, loss = token-mean over the steps since the previous entry, lr,
     tokens_per_s, supervised_tokens_per_s), eval_history (eval loss at each checkpoint),
     final_train_loss (the last history entry's loss), eval_loss (at the end), tokens, tokens_per_s,
@@ -410,6 +411,7 @@ def train_sft(
     """
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import get_cosine_schedule_with_warmup
@@ -419,7 +421,13 @@ def train_sft(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     # cpu=True where there is no GPU, so that torchrun / accelerate launch give multi-CPU (gloo) runs
-    accelerator = Accelerator(step_scheduler_with_optimizer=False, cpu=default_device() == "cpu")
+    device = default_device()
+    precision, precision_reason = resolve_mixed_precision(cfg.mixed_precision, device)
+    # autocast around the model's forward; the config decides, not an accelerate config's mixed_precision.
+    # The state is a per-process singleton that fixes the precision of the first Accelerator (an earlier
+    # step's): reset it as transformers' TrainingArguments does (the process group is kept).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(step_scheduler_with_optimizer=False, cpu=device == "cpu", mixed_precision=precision)
     _configure_deepspeed(accelerator, cfg)
     main = accelerator.is_main_process
     nproc, pidx = accelerator.num_processes, accelerator.process_index
@@ -469,7 +477,8 @@ def train_sft(
     run_key = sha256_text(json.dumps({
         "base_fingerprint": base_fingerprint, "seed": seed,
         "cfg": cfg.model_dump(mode="json", exclude={"save_steps", "logging_steps"}),
-        "processes": nproc, "dtype": dtype, "quantization": prov["quantization"], "add_bos": add_bos,
+        "processes": nproc, "dtype": dtype, "mixed_precision": precision, "quantization": prov["quantization"],
+        "add_bos": add_bos,
         "train": [(e.input_ids, e.labels) for e in train], "eval": [(e.input_ids, e.labels) for e in held_out],
     }, sort_keys=True))[:16]
 
@@ -580,6 +589,7 @@ def train_sft(
         "seed": seed,
         "add_bos": add_bos,
         "dtype": dtype,
+        "mixed_precision": {"setting": cfg.mixed_precision, "used": precision, "reason": precision_reason},
         "examples": {"given": len(examples), "kept": len(encoded), "dropped": drops,
                      "train": len(train), "eval": len(held_out)},
         "history": history,

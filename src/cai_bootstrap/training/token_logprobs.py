@@ -122,5 +122,8 @@ class TokenLogProbs(torch.autograd.Function):
 
 
 def token_log_probs(hidden, weight, targets, outputs=("log_probs",)):
-    """The five per-token fields of ``TokenLogProbs`` (None where not in ``outputs``)."""
-    return TokenLogProbs.apply(hidden, weight, targets, tuple(outputs))
+    """The five per-token fields of ``TokenLogProbs`` (None where not in ``outputs``). Always in fp32,
+    also under autocast: a softmax over the vocabulary from bf16 logits would lose the log-probs'
+    small differences that DPO's loss is made of."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return TokenLogProbs.apply(hidden, weight, targets, tuple(outputs))
