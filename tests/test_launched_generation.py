@@ -110,6 +110,11 @@ def test_evaluate_command_with_launcher_matches_one_process(tmp_path, varied_mod
         != rec_two["isolation"]["base_fingerprint_before"]
     assert rec_two["models"]["sft"]["runtime"]["processes"] == 2
     assert rec_one["models"]["sft"]["runtime"] == {"backend": "hf", "processes": 1}
+    # the memory figures include the launched processes (the launcher and its 2 workers)
+    mem_one, mem_two = rec_one["models"]["sft"]["memory"], rec_two["models"]["sft"]["memory"]
+    assert mem_two["processes_peak"] >= mem_one["processes_peak"] + 2
+    assert mem_two["rss_peak_mb"] > mem_one["rss_peak_mb"] + 200  # each worker holds torch and a model
+    assert "gpu_peak_mb" not in mem_two  # no GPU anywhere here
 
 
 def test_run_hands_the_accelerate_config_to_the_generation_steps():

@@ -50,7 +50,7 @@ class LaunchedEngine:
     ``accelerate launch`` with ``accelerate_config``; one launch (one model load per process) per call.
 
     After a call, ``loaded`` holds what process 0 reported: ``provenance`` (as ``LoadedModel.provenance``),
-    ``fingerprint`` and ``processes``.
+    ``fingerprint``, ``processes`` and ``gpu_peak_mb`` (the busiest GPU's peak allocation; None off CUDA).
     """
 
     model: LaunchModel
@@ -79,7 +79,7 @@ class LaunchedEngine:
         finally:
             request.unlink()
             result.unlink(missing_ok=True)
-        self.loaded = {k: out[k] for k in ("provenance", "fingerprint", "processes")}
+        self.loaded = {k: out[k] for k in ("provenance", "fingerprint", "processes", "gpu_peak_mb")}
         for k, v in out["stats"].items():
             setattr(self.stats, k, getattr(self.stats, k) + v)
         gens = [[Generation(**g) for g in job] for job in out["jobs"]]
@@ -120,14 +120,34 @@ def _generate(request: Path, result: Path) -> int:
                         allow_full_precision_fallback=m.allow_full_precision_fallback, device=device)
     engine = Engine(loaded.model, loaded.tokenizer, batch_size=m.batch_size, add_bos=m.add_bos)
     jobs = [generate_sharded(engine, job["prompts"], decoding_from_dict(job["decoding"])) for job in req["jobs"]]
+    gpu_peaks = _gathered(state, _gpu_peak_mb(state.device))
     if state.is_main_process:
         atomic_write_json(result, {
             "processes": state.num_processes, "provenance": loaded.provenance, "fingerprint": fingerprint(loaded.model),
+            "gpu_peak_mb": max((p for p in gpu_peaks if p is not None), default=None),
             "stats": vars(engine.stats), "jobs": [[asdict(g) for g in gens] for gens in jobs]})
     state.wait_for_everyone()
     if state.num_processes > 1:
         state.destroy_process_group()
     return 0
+
+
+def _gpu_peak_mb(device) -> float | None:
+    """This process's peak CUDA allocation (the parent cannot see it), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def _gathered(state, value) -> list:
+    """``value`` of every process, on every process."""
+    if state.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
 
 
 if __name__ == "__main__":

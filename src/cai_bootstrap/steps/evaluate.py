@@ -72,12 +72,14 @@ def evaluate_one(m: ModelUnderTest, items: list[InstructionRecord], config: Pipe
     cfg = config.evaluation
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens)  # greedy: deterministic
     prompts = [prompt_for(it.instruction) for it in items]
-    with peak_memory() as memory:  # this process only: launched processes are not measured
+    with peak_memory() as memory:  # RSS: this process and the ones it launches
         with Generator(config, spec=m.spec, adapters=m.adapters, batch_size=cfg.batch_size,
                        accelerate_config=accelerate_config, work_dir=work_dir, load=lambda: loader(m, config)) as gen:
             gens = gen.generate(prompts, decoding, label=f"evaluate {m.name}")
             fp = gen.fingerprint  # after generating: a launched run reports it with its results
             provenance = dict(gen.provenance)
+    if gen.launched_gpu_peak_mb is not None:  # the GPUs were the launched processes'
+        memory["gpu_peak_mb"] = gen.launched_gpu_peak_mb
     responses = [
         EvalResponse(id=it.id, model=m.name, prompt=p, raw_text=g.raw_text, response=g.text, stop_string=g.stop_string,
                      finish_reason=g.finish_reason, prompt_tokens=g.prompt_tokens,

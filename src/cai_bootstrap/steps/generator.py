@@ -61,6 +61,7 @@ class Generator:
                                                  allow_full_precision_fallback=m.allow_full_precision_fallback))
         batch_size = batch_size or config.generation.batch_size
         self.loaded: LoadedModel | None = None  # the HF model in this process, if any
+        self.launched_gpu_peak_mb: float | None = None  # launched processes' busiest GPU (this one sees none)
         self._facts: dict[str, Any] | None = None  # provenance and fingerprint of the generating weights
         self._merged: Path | None = None
         self.engine: Engine | LaunchedEngine | VLLMEngine
@@ -102,6 +103,7 @@ class Generator:
             if isinstance(self.engine, LaunchedEngine):
                 gens = self.engine.generate_many(jobs, progress)
                 self.runtime["processes"] = self.engine.loaded["processes"]
+                self.launched_gpu_peak_mb = self.engine.loaded["gpu_peak_mb"]
                 return gens
             return [self.engine.generate(p, d, progress) for p, d in jobs]
 
