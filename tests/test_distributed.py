@@ -211,6 +211,22 @@ def test_two_process_sft_matches_one_process(tiny_model_folder, tmp_path):
     assert any(w1[k].abs().max() > 1e-3 for k in w1 if "lora_B" in k)  # the adapter did train
 
 
+def test_fsdp_cpu_ram_efficient_loading_gives_every_process_the_real_weights(tiny_model_folder, tmp_path):
+    """configs/accelerate/fsdp.yaml sets fsdp_cpu_ram_efficient_loading; transformers could then leave
+    the weights of processes other than 0 on the meta device, and load_model's ``.to(device)`` and
+    fingerprint would fail there. With the pinned transformers every process loads the real weights."""
+    from cai_bootstrap.models.loading import fingerprint, load_model
+
+    env = {**launch_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "_fsdp_load_driver.py"), str(tiny_model_folder), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    expected = fingerprint(load_model(str(tiny_model_folder)).model)
+    assert ranks == [{"fsdp_loading": True, "devices": ["cpu"], "fingerprint": expected}] * 2
+
+
 def test_sft_fingerprint_gathered_one_weight_at_a_time_is_the_fingerprint(tiny_model_folder):
     """The ZeRO-3 path of train_sft's base fingerprint (each weight hashed inside its own gather)
     gives the plain fingerprint, so the value does not depend on the backend."""
