@@ -233,5 +233,9 @@ def test_sft_step_under_accelerate_launch_trains_on_two_processes(tmp_path, tiny
     assert step["status"] == "done" and step["counts"]["kept"] == 8
     assert step["metrics"]["num_processes"] == 2
     assert step["metrics"]["total_steps"] == 2  # 8 examples / (2 per process x 2 processes)
+    from cai_bootstrap.models.precision import resolve_mixed_precision
+
+    # the run config decides the autocast in the launched processes, not the accelerate config's 'no'
+    assert step["metrics"]["mixed_precision"] == resolve_mixed_precision(run.config.sft.mixed_precision, "cpu")[0]
     assert run.path("models/sft/adapter_config.json").is_file()
     assert step["provenance"]["launcher"]["accelerate_config"] == str(config_file)

@@ -75,6 +75,7 @@ def run_dpo(run: Run, init: str, force: bool = False, accelerate_config: Path | 
         step.provenance["num_processes"] = record["num_processes"]
         step.provenance["parity_checked_against"] = _other(init) if reference else None
         step.metrics.update({k: record[k] for k in SUMMARY_KEYS})
+        step.metrics["mixed_precision"] = record["mixed_precision"]["used"]
         step.metrics["loss_history"] = [h["loss"] for h in record["history"]]
     console.print(f"{name}: done ({', '.join(f'{k}={v}' for k, v in step.metrics.items() if 'reward' in k)})")
     return True

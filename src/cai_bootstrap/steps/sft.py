@@ -51,6 +51,8 @@ def run_sft(run: Run, force: bool = False, resume: bool = False, accelerate_conf
         step.metrics.update({k: metrics[k] for k in SUMMARY_KEYS})
         step.metrics["total_steps"] = metrics["hyperparameters"]["total_steps"]
         step.metrics["num_processes"] = metrics["hyperparameters"]["num_processes"]
+        step.metrics["mixed_precision"] = metrics["mixed_precision"]["used"]
         step.metrics["loss_history"] = [h.get("loss") for h in metrics.get("history", [])]
-    console.print(f"sft: train loss {metrics.get('final_train_loss')}, eval loss {metrics.get('eval_loss')}")
+    console.print(f"sft: train loss {metrics.get('final_train_loss')}, eval loss {metrics.get('eval_loss')} "
+                  f"(autocast {metrics['mixed_precision']['used']}: {metrics['mixed_precision']['reason']})")
     return True
