@@ -81,13 +81,17 @@ def _losses(record) -> list[float]:
     return [h["loss"] for h in record["history"]]
 
 
-def test_sft_under_bf16_autocast_is_recorded_and_close_to_fp32(tiny_model_folder, tmp_path):
+def test_sft_under_bf16_autocast_is_recorded_and_close_to_fp32(tiny_model_folder, tmp_path, monkeypatch):
     ex = make_examples(8)
     records = {}
-    for setting in ("no", "bf16"):
-        result = sft.train_sft(str(tiny_model_folder), ex, make_cfg(max_steps=2, mixed_precision=setting),
+    for setting in ("no", "bf16", "env"):
+        if setting == "env":  # as `accelerate launch --config_file ddp.yaml` exports it: the config still decides
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        result = sft.train_sft(str(tiny_model_folder), ex,
+                               make_cfg(max_steps=2, mixed_precision="no" if setting == "env" else setting),
                                out_dir=tmp_path / setting, seed=0, progress=False)
         records[setting] = result.metrics
+    assert _losses(records["env"]) == _losses(records["no"])
     assert records["no"]["mixed_precision"] == {"setting": "no", "used": "no", "reason": "configured"}
     assert records["bf16"]["mixed_precision"]["used"] == "bf16"
     fp32, bf16 = _losses(records["no"]), _losses(records["bf16"])
@@ -111,3 +115,12 @@ def test_dpo_under_bf16_autocast_is_recorded_and_close_to_fp32(tiny_model_folder
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # reference and policy under the same autocast
     fp32, bf16 = _losses(records["no"]), _losses(records["bf16"])
     assert fp32[-1] != bf16[-1] and bf16 == pytest.approx(fp32, rel=0.02)
+
+
+def test_dpo_autocast_ignores_an_accelerate_config_in_the_environment(tiny_model_folder, tmp_path, monkeypatch):
+    """`accelerate launch --config_file ddp.yaml` exports ACCELERATE_MIXED_PRECISION=bf16, which
+    transformers would otherwise apply whenever bf16 is off; the run config decides."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    setup = dpo.build_trainer("base", str(tiny_model_folder), make_pairs(4), small_cfg(mixed_precision="no"),
+                              out_dir=tmp_path, seed=0)
+    assert setup.trainer.accelerator.mixed_precision == "no"

@@ -684,10 +684,14 @@ def build_trainer(
         pairs_digest=pairs_sha(pairs), add_bos=add_bos, max_length=cfg.max_length,
         precision=f"{provenance['dtype']}/{precision}",
     )
+    trl_args = TRLDPOConfig(**args)
+    # transformers takes the autocast from an accelerate config's environment unless bf16/fp16 is set;
+    # ours is resolved by mixed_precision and must hold under `accelerate launch` too
+    trl_args.mixed_precision = "bf16" if args.get("bf16") else "no"
     with _quiet():
         trainer = _trainer_class()(
             model=model,
-            args=TRLDPOConfig(**args),
+            args=trl_args,
             train_dataset=_dataset(pairs, policy.prompt_prefix),
             processing_class=tok,
             peft_config=LoraConfig(**lora),
