@@ -53,7 +53,7 @@ from cai_bootstrap.config import DPOConfig, SFTConfig
 from cai_bootstrap.data.pool import builtin_pool
 from cai_bootstrap.data.sampling import stratified_sample
 from cai_bootstrap.formats import completion_for, prompt_for
-from cai_bootstrap.models.loading import load_model, load_tokenizer, resolve
+from cai_bootstrap.models.loading import default_device, load_model, load_tokenizer, resolve
 from cai_bootstrap.models.precision import resolve_mixed_precision
 from cai_bootstrap.schemas import PreferencePair
 from cai_bootstrap.training import dpo as dpo_mod
@@ -241,7 +241,7 @@ def trl_sft_arguments(cfg: SFTConfig, out_dir: Path) -> dict[str, Any]:
         "max_steps": cfg.max_steps, "per_device_train_batch_size": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "activation_checkpointing": False,  # TRL's default is on; ours never checkpoints
-        "bf16": resolve_mixed_precision(cfg.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")[0] == "bf16",
+        "bf16": resolve_mixed_precision(cfg.mixed_precision, default_device())[0] == "bf16",
         "fp16": False,  # the same autocast as train_sft (TRL's default is bf16 wherever it runs)
         "use_cpu": not torch.cuda.is_available(),
         "logging_strategy": "steps", "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no",
@@ -327,7 +327,7 @@ def bench_sft(args, tmp: Path) -> None:
     print(f"\nSFT: {args.steps} optimizer steps x batch {args.batch_size} = {n} examples, one epoch on each side; "
           f"max_length {cfg.max_length}; LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} dropout={cfg.lora.dropout} "
           f"{cfg.lora.target_modules}; lr {cfg.learning_rate:g} cosine, warmup {cfg.warmup_ratio:g}; "
-          f"autocast {resolve_mixed_precision(cfg.mixed_precision, 'cuda' if torch.cuda.is_available() else 'cpu')[0]}; "
+          f"autocast {resolve_mixed_precision(cfg.mixed_precision, default_device())[0]}; "
           f"median of {args.repeats}")
     print(f"data: {len(encoded)} kept of {n} (dropped {drops or 0}); {tokens} non-pad tokens, {sup} supervised "
           f"(response+END+EOS); TRL's tokenization: {trl_tokens} tokens, {trl_sup} supervised, "
@@ -505,12 +505,11 @@ def machine_line(args) -> str:
     import trl
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    dev_kind = "cuda" if torch.cuda.is_available() else "cpu"
     return (f"machine: {platform.machine()}, {os.cpu_count()} logical cores "
             f"({psutil.cpu_count(logical=False)} physical), {torch.get_num_threads()} torch threads, device {dev}; "
             f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
             f"peft {peft.__version__}, accelerate {accelerate.__version__}; model {args.model} (fp32 weights); "
-            f"autocast on both sides: {' / '.join(resolve_mixed_precision(args.mixed_precision, dev_kind))}")
+            f"autocast on both sides: {' / '.join(resolve_mixed_precision(args.mixed_precision, default_device()))}")
 
 
 def tiny_model(folder: Path) -> str:

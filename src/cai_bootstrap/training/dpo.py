@@ -114,17 +114,12 @@ class DPOResult:
 # Arguments
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def mixed_precision(cfg: DPOConfig) -> tuple[str, str]:
     """(``"bf16"`` or ``"no"``, why): autocast for this device (:mod:`..models.precision`)."""
+    from ..models.loading import default_device
     from ..models.precision import resolve_mixed_precision
 
-    return resolve_mixed_precision(cfg.mixed_precision, "cuda" if _has_cuda() else "cpu")
+    return resolve_mixed_precision(cfg.mixed_precision, default_device())
 
 
 def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int) -> dict[str, Any]:
@@ -134,7 +129,9 @@ def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int) -> dict[str, 
     ``cfg.mixed_precision`` ``bf16`` (autocast). JSON-serialisable, so ``training.json`` records
     exactly what was used.
     """
-    cuda = _has_cuda()
+    from ..models.loading import default_device
+
+    cuda = default_device() == "cuda"
     precision, _ = mixed_precision(cfg)
     return {
         "output_dir": str(out_dir),
