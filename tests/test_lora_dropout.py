@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cai_bootstrap.training.lora_dropout import LoRADropout, keep_mask, use_fast_lora_dropout
+from cai_bootstrap.training.lora_dropout import LoRADropout, dropout_multiplier, use_fast_lora_dropout
+
+
+def keep_mask(shape, p, bits) -> torch.Tensor:
+    return dropout_multiplier(shape, p, bits) != 0
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
@@ -25,11 +29,13 @@ def test_keep_rate_is_one_minus_p_within_sampling_error(p):
     assert abs(float(counts.var()) / (1000 * p * (1 - p)) - 1) < 0.2  # sd of the ratio ~0.03
 
 
-def test_masks_of_any_length_at_a_high_drop_rate():
+def test_multipliers_of_any_length_at_a_high_drop_rate():
     for n in (0, 1, 7, 100):
-        mask = keep_mask((n,), 0.9, np.random.PCG64(n))
-        assert mask.shape == (n,) and mask.dtype == torch.bool
+        multiplier = dropout_multiplier((n,), 0.9, np.random.PCG64(n))
+        assert multiplier.shape == (n,) and multiplier.dtype == torch.float32
+        assert all(v == 0.0 or v == pytest.approx(10.0) for v in multiplier.tolist())
     assert not keep_mask((50_000,), 0.999, np.random.PCG64(0)).all()
+    torch.testing.assert_close(dropout_multiplier((3, 4), 0.0, np.random.PCG64(0)), torch.ones(3, 4))
 
 
 def test_forward_and_backward_scale_kept_values_and_zero_the_rest():

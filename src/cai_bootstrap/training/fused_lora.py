@@ -56,7 +56,7 @@ class _LoRALinear(torch.autograd.Function):
             if dropout is None:
                 grad_x = g @ torch.addmm(weight, lora_b, lora_a, alpha=s)
             else:
-                grad_x = (g @ weight).add_((gh @ lora_a).mul_(dropout))
+                grad_x = (g @ weight).addcmul_(gh @ lora_a, dropout)
             grad_x = grad_x.view(x.shape)
         grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
@@ -72,8 +72,7 @@ def _fused_forward(self, x, *args, **kwargs):
     if dropout.training and getattr(dropout, "p", 0.0) > 0:  # nn.Identity has no p
         if not isinstance(dropout, LoRADropout):
             return self._peft_forward(x)  # torch's own masks: another RNG stream
-        keep = dropout.keep_mask(x.shape[:-1].numel(), x.shape[-1])
-        multiplier = keep.to(x.dtype).mul_(1.0 / (1.0 - dropout.p))
+        multiplier = dropout.multiplier(x.shape[:-1].numel(), x.shape[-1])  # fp32, as x (_covered)
     return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                              float(self.scaling[name]), multiplier)
 
