@@ -4,7 +4,7 @@ Decides whether bf16 autocast can speed up training or generation here: it only 
 has native bf16 matmul (AVX-512 BF16 / AMX); on AVX2 machines torch falls back to slow kernels.
 Rows: tokens per matmul (1 = a batch-1 decode step, 256 = a training micro-batch); columns: the
 model's projections (hidden 576, MLP 1536, vocabulary 49152), and the vocabulary projection done in
-4096-wide slices (``models.lm_head.project``: MKL runs a 49k-wide output at about half speed on AMD
+512-wide slices (``models.lm_head.project``: MKL runs a 49k-wide output at about half speed on AMD
 CPUs). Median of --repeats timings each.
 
     .venv/bin/python bench/matmul.py [--repeats 5]

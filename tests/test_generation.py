@@ -151,7 +151,7 @@ def test_sliced_lm_head_gives_the_same_logits_and_is_removed_after(tiny, monkeyp
 
     from cai_bootstrap.models import lm_head
 
-    monkeypatch.setattr(lm_head, "VOCAB_SLICE", 1000)  # several slices, the last one partial
+    monkeypatch.setattr(lm_head, "vocab_slice", lambda tokens: 1000)  # several slices, the last one partial
     ids = torch.arange(1, 9)[None]
     with torch.no_grad():
         plain = tiny.model(input_ids=ids).logits

@@ -21,7 +21,7 @@ def trl(hidden, weight, targets, outputs):
 def case(monkeypatch):
     # small tiles, so that several token tiles and vocabulary slices (one of them partial) are exercised
     monkeypatch.setattr(token_logprobs, "TOKEN_TILE", 64)
-    monkeypatch.setattr(lm_head, "VOCAB_SLICE", 700)
+    monkeypatch.setattr(lm_head, "vocab_slice", lambda tokens: 700)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(150, 32, generator=g, requires_grad=True)
     weight = (torch.randn(3000, 32, generator=g) * 0.5).requires_grad_()
