@@ -8,8 +8,8 @@ slice widths interleaved in one process):
      256         -        111          70
     2048         -         83         105
 
-A 512-column slice of the weight (1.2 MB) stays in this CPU's 1 MB L2 cache with its output; past
-~1k tokens the wider slice wins. Used by the decode loop (a batch of rows) and by the training
+Probably because a 512-column slice of the weight (1.2 MB) is about the size of this CPU's 1 MB L2
+cache; past ~1k tokens the wider slice wins. Used by the decode loop (a batch of rows) and by the training
 log-prob kernel (256-token tiles)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+
 
 def vocab_slice(tokens: int) -> int:
     """Columns per sgemm call for ``tokens`` rows (the table above)."""
