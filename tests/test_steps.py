@@ -9,6 +9,7 @@ from cai_bootstrap.data.dedup import near_duplicate_pairs
 from cai_bootstrap.data.split import LeakageError
 from cai_bootstrap.files import write_jsonl
 from cai_bootstrap.models.loading import load_model
+from cai_bootstrap.models.precision import resolve_mixed_precision
 from cai_bootstrap.run import Run
 from cai_bootstrap.schemas import InstructionRecord, load_jsonl, validate_kind
 from cai_bootstrap.steps import evaluate as evaluate_step
@@ -233,8 +234,6 @@ def test_sft_step_under_accelerate_launch_trains_on_two_processes(tmp_path, tiny
     assert step["status"] == "done" and step["counts"]["kept"] == 8
     assert step["metrics"]["num_processes"] == 2
     assert step["metrics"]["total_steps"] == 2  # 8 examples / (2 per process x 2 processes)
-    from cai_bootstrap.models.precision import resolve_mixed_precision
-
     # the run config decides the autocast in the launched processes, not the accelerate config's 'no'
     assert step["metrics"]["mixed_precision"] == resolve_mixed_precision(run.config.sft.mixed_precision, "cpu")[0]
     assert run.path("models/sft/adapter_config.json").is_file()

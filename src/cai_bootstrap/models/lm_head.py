@@ -9,8 +9,8 @@ slice widths interleaved in one process):
     2048         -         83         105
 
 Probably because a 512-column slice of the weight (1.2 MB) is about the size of this CPU's 1 MB L2
-cache; past ~1k tokens the wider slice wins. Used by the decode loop (a batch of rows) and by the training
-log-prob kernel (256-token tiles)."""
+cache; past ~1k tokens the wider slice wins. Used by the decode loop (a batch of rows) and by the
+training log-prob kernel (256-token tiles)."""
 
 from __future__ import annotations
 

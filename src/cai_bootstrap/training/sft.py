@@ -403,12 +403,11 @@ def train_sft(
     ``training.json`` holds: base_model, base_fingerprint (of the base before LoRA), lora,
     hyperparameters (the config plus resolved values: processes, global batch, steps, warmup), seed,
     add_bos, dtype, mixed_precision (setting, used, reason), examples (given, kept, dropped by reason,
-    train, eval), history (one entry per
-    ``logging_steps``: step, epoch, loss = token-mean over the steps since the previous entry, lr,
-    tokens_per_s, supervised_tokens_per_s), eval_history (eval loss at each checkpoint),
-    final_train_loss (the last history entry's loss), eval_loss (at the end), tokens, tokens_per_s,
-    supervised_tokens_per_s and wall_time_s (of this invocation), resumed_from_step, checkpoints,
-    quantization and base_provenance (what load_model did), versions.
+    train, eval), history (one entry per ``logging_steps``: step, epoch, loss = token-mean over the
+    steps since the previous entry, lr, tokens_per_s, supervised_tokens_per_s), eval_history (eval
+    loss at each checkpoint), final_train_loss (the last history entry's loss), eval_loss (at the
+    end), tokens, tokens_per_s, supervised_tokens_per_s and wall_time_s (of this invocation),
+    resumed_from_step, checkpoints, quantization and base_provenance (what load_model did), versions.
     """
     import torch
     from accelerate import Accelerator
