@@ -340,26 +340,29 @@ def plan(
 
 @app.command()
 def score(
-    responses: Annotated[Path, typer.Argument(help="EvalResponse JSONL (eval/responses/<model>.jsonl).")],
-    tests: Annotated[Path, typer.Option(help="The test set (data/test.jsonl).")],
+    responses: Annotated[Path, typer.Argument(help="EvalResponse JSONL (eval/responses/<model>.jsonl), or IFEval's "
+                                                   "response format: {prompt, response} per line, matched by prompt.")],
+    tests: Annotated[Path, typer.Option(help="The test set: data/test.jsonl, or IFEval's input_data.jsonl.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON score record per line.")] = False,
 ) -> None:
-    """Score saved responses against the test set with no model loaded."""
+    """Score saved responses against the test set with no model loaded (IFEval: Google's official checks)."""
+    from .evaluation import ifeval
     from .evaluation.criteria import CRITERIA
     from .evaluation.analysis import score_all
-    from .schemas import ArtifactError, InstructionRecord, load_jsonl, load_kind
+    from .schemas import ArtifactError, load_kind
 
     try:
-        items = load_jsonl(tests, InstructionRecord)
-        rs = load_kind("responses", responses)
-    except ArtifactError as e:
-        fail(str(e))
-    by_model: dict[str, list] = {}
-    for r in rs:
-        by_model.setdefault(r.model, []).append(r)
-    try:
-        scores = score_all(items, by_model)
-    except ValueError as e:
+        items = ifeval.load_test_items(tests)
+        if ifeval.is_response_file(responses):
+            models = [responses.stem]
+            scores = ifeval.score_responses(items, ifeval.load_responses(responses, items), model=responses.stem)
+        else:
+            by_model: dict[str, list] = {}
+            for r in load_kind("responses", responses):
+                by_model.setdefault(r.model, []).append(r)
+            models = list(by_model)
+            scores = score_all(items, by_model)
+    except (ArtifactError, ValueError) as e:
         fail(str(e))
     if json_out:
         for s in scores:
@@ -367,16 +370,23 @@ def score(
         return
     table = Table(title=f"scores: {responses}")
     table.add_column("criterion")
-    for m in by_model:
+    for m in models:
         table.add_column(m, justify="right")
     flat = [(s.model, {**s.criteria, "ifeval_strict": s.checks_strict, "ifeval_loose": s.checks_loose})
             for s in scores]
     for c in (*CRITERIA, "ifeval_strict", "ifeval_loose"):
         row = []
-        for m in by_model:
+        for m in models:
             vals = [v[c] for model, v in flat if model == m and v.get(c) is not None]
             row.append(f"{sum(vals)}/{len(vals)}" if vals else "-")
-        table.add_row(c, *row)
+        if any(cell != "-" for cell in row):
+            table.add_row(c, *row)
+    for level, mode in (("inst_level", "strict"), ("inst_level", "loose")):
+        row = []
+        for m in models:
+            metric = ifeval.model_metrics([s for s in scores if s.model == m])[f"{level}_{mode}"]
+            row.append(f"{metric['k']}/{metric['n']}" if metric["n"] else "-")
+        table.add_row(f"ifeval_{level}_{mode}", *row)
     console.print(table)
 
 

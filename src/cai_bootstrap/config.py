@@ -66,7 +66,8 @@ class InstructionsConfig(Section):
     train_file: str | None = None
     """Your own instructions (JSONL of InstructionRecord); validated, de-duplicated, leak-checked."""
     test_file: str | None = None
-    """Your own held-out test set; when given, no test items are drawn from the pool."""
+    """Your own held-out test set; when given, no test items are drawn from the pool. InstructionRecord
+    JSONL, or IFEval's input_data.jsonl (key, prompt, instruction_id_list, kwargs), kept whole."""
 
 
 class CriticConfig(Section):

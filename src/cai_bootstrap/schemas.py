@@ -170,9 +170,23 @@ class EvalScore(Record):
     model: Text
     category: Category
     criteria: dict[str, bool | None]
-    checks_strict: bool | None = None
-    checks_loose: bool | None = None
+    checks_strict: bool | None = None  # IFEval prompt level: every instruction followed, strict
+    checks_loose: bool | None = None  # ... loose
+    # Per instruction, in the item's order: IFEval's id and the official strict/loose verdicts.
+    instruction_id_list: list[str] = Field(default_factory=list)
+    follow_instruction_list_strict: list[bool] = Field(default_factory=list)
+    follow_instruction_list_loose: list[bool] = Field(default_factory=list)
     judge: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _instructions_consistent(self) -> EvalScore:
+        n = len(self.instruction_id_list)
+        if len(self.follow_instruction_list_strict) != n or len(self.follow_instruction_list_loose) != n:
+            raise ValueError("one strict and one loose verdict per instruction id")
+        if n and (self.checks_strict != all(self.follow_instruction_list_strict)
+                  or self.checks_loose != all(self.follow_instruction_list_loose)):
+            raise ValueError("checks_strict/checks_loose must be every instruction's verdict")
+        return self
 
 
 T = TypeVar("T", bound=BaseModel)

@@ -8,8 +8,8 @@ the kind does not apply to the item.
 
 =================  ===================================================================================
 ``refusal``        an unwarranted refusal (several templates; each one is caught by quality.is_refusal)
-``format_violation`` one of: ``constraint:<type>`` (the response changed to break one of the item's
-                   constraints, checked with constraints.check), ``truncated`` (cut mid-sentence, no
+``format_violation`` one of: ``constraint:<IFEval id>`` (the response changed to break one of the
+                   item's IFEval instructions, checked with the official check), ``truncated`` (cut mid-sentence, no
                    END), ``missing_end`` (the response without END), ``ramble_after_end`` (END, then a
                    new ``Instruction:`` turn), ``ramble_no_end`` (a new turn instead of END).
                    When the item has a breakable constraint it is chosen half of the time; otherwise
@@ -35,7 +35,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
-from ..constraints import check, count_words, list_items
+from ..constraints import check, count_words
 from ..formats import END_SUFFIX, completion_for, normalize
 from ..quality import matches_reference, normalize_answer, topic_overlap
 from ..schemas import InstructionRecord
@@ -93,45 +93,91 @@ def _sentence_case(text: str) -> str:
     return re.sub(r"(^|[.!?]\s+|\n)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
 
 
+def _sentences(text: str) -> list[str]:
+    return [p for p in re.split(r"(?<=[.!?])\s+", text) if p.strip()]
+
+
+def _pad_words(text: str, n: int) -> str:
+    while count_words(text) < n:
+        text = f"{text} {_PADDING}"
+    return text
+
+
+def _keep_words(text: str, n: int) -> str | None:
+    ws = re.findall(r"\S+", text)
+    keep = max(1, min(n - 1, len(ws) // 2, 8))
+    return " ".join(ws[:keep]).rstrip(",;:") if ws else None
+
+
+def _without(pattern: str, text: str, by: str = "something") -> str:
+    return re.sub(pattern, by, text, flags=re.IGNORECASE)
+
+
 def _break_constraint(spec: dict, response: str) -> str | None:
-    """The response changed so that it breaks spec (verified by the caller)."""
-    kind = spec["type"]
+    """The response changed so that it breaks spec (verified by the caller with the official check);
+    None where no simple edit breaks it (a response language)."""
+    kind = spec["type"].split(":", 1)[1]
     text = response.strip()
-    if kind == "max_words":
-        while count_words(text) <= spec["n"]:
-            text = f"{text} {_PADDING}"
+    if kind == "existence":
+        for keyword in spec["keywords"]:
+            text = _without(keyword, text)
         return text
-    if kind == "min_words":
-        ws = re.findall(r"\S+", text)
-        keep = max(1, min(spec["n"] - 1, len(ws) // 2, 8))
-        return " ".join(ws[:keep]).rstrip(",;:") if ws else None
-    if kind == "num_list_items":
-        lines = text.split("\n")
-        item_lines = [i for i, line in enumerate(lines) if line.strip() in list_items(line)]
-        if len(item_lines) >= 2:
-            del lines[item_lines[-1]]
-            return "\n".join(lines)
+    if kind == "frequency":
+        if spec["relation"] == "at least":
+            return _without(spec["keyword"], text, "that")
+        return f"{text} {' '.join([spec['keyword']] * spec['frequency'])}"
+    if kind == "forbidden_words":
+        return f"{text} This mentions {spec['forbidden_words'][0]}."
+    if kind == "letter_frequency":
+        if spec["let_relation"] == "at least":
+            return _without(spec["letter"], text, "")
+        return f"{text} {spec['letter'] * spec['let_frequency']}"
+    if kind in ("number_sentences", "number_words"):
+        n = spec.get("num_sentences", spec.get("num_words"))
+        if spec["relation"] == "less than":
+            if kind == "number_words":
+                return _pad_words(text, n)
+            sep = " " if text.endswith((".", "!", "?")) else ". "
+            return f"{text}{sep}{' '.join([_EXTRA_SENTENCE] * n)}"
+        return _keep_words(text, n) if kind == "number_words" else " ".join(_sentences(text)[:max(1, n - 1)])
+    if kind == "number_paragraphs":
+        return f"{text}\n***\n{_EXTRA_SENTENCE}"
+    if kind == "nth_paragraph_first_word":
+        return f"{text}\n\n{_EXTRA_SENTENCE}"
+    if kind == "number_placeholders":
+        return re.sub(r"\[(.*?)\]", r"\1", text)
+    if kind == "postscript":
+        marker = spec["postscript_marker"].lower().rstrip(".")
+        return "\n".join(line for line in text.split("\n") if marker not in line.lower()).strip()
+    if kind == "number_bullet_lists":
         return f"{text}\n{_EXTRA_ITEM}"
-    if kind == "num_sentences":
-        sep = " " if text.endswith((".", "!", "?")) else ". "
-        return f"{text}{sep}{_EXTRA_SENTENCE}"
-    if kind == "no_commas":
-        return f"Well, here it is, in short: {text}"
-    if kind == "all_lowercase":
-        return _sentence_case(text) if _sentence_case(text) != text else text.title()
-    if kind == "all_uppercase":
-        return _sentence_case(text.lower())
+    if kind == "constrained_response":
+        return _without(r"my answer is", text, "I would say")
+    if kind == "number_highlighted_sections":
+        return text.replace("*", "")
+    if kind == "multiple_sections":
+        return _without(spec["section_spliter"] + r"\s?\d+", text, "")
     if kind == "json_format":
         return f"Here is the answer: {text} I hope this helps."
-    if kind == "ends_with":
-        return f"{text} {_SIGN_OFF}"
-    if kind == "starts_with":
+    if kind == "title":
+        return text.replace("<<", "").replace(">>", "")
+    if kind == "two_responses":
+        return text.replace("******", "\n")
+    if kind in ("repeat_prompt", "quotation"):
         return f"Sure! {text}"
-    if kind == "contains_keyword":
-        words = spec["keyword"].split()
-        pattern = r"(?<![^\W_])" + r"\s+".join(re.escape(w) for w in words) + r"(?![^\W_])"
-        return re.sub(pattern, "something", text, flags=re.IGNORECASE)
-    return None  # pragma: no cover - every known type is handled above
+    if kind == "end_checker":
+        return f"{text} {_SIGN_OFF}"
+    if kind == "capital_word_frequency":
+        if spec["capital_relation"] == "at least":
+            return text.lower()
+        return f"{text} {' '.join(['NOTE'] * spec['capital_frequency'])}"
+    if kind == "english_capital":
+        return _sentence_case(text.lower())
+    if kind == "english_lowercase":
+        return _sentence_case(text) if _sentence_case(text) != text else text.title()
+    if kind == "no_comma":
+        return f"Well, here it is, in short: {text}"
+    return None  # response_language: no rule-made edit changes a language
 
 
 def constraint_violations(item: InstructionRecord, chosen: str) -> list[tuple[str, str]]:

@@ -14,9 +14,11 @@
 ``reference_answers``  optional; aliases of the short answer, each rendered like ``text``. An entry
                        that is exactly ``"{slot.field}"`` where the field holds a list expands to
                        that list.
-``constraints``        optional; constraint specs (``constraints.CONSTRAINT_PARAMS``). A parameter
-                       that is exactly ``"{slot}"``/``"{slot.field}"`` takes the filler value as is
-                       (an int stays an int); other strings are rendered like ``text``.
+``constraints``        optional; IFEval instructions as constraint specs (``constraints.CONSTRAINT_PARAMS``:
+                       ``{"type": <IFEval id>, **kwargs}``). A parameter (or an element of a list
+                       parameter) that is exactly ``"{slot}"``/``"{slot.field}"`` takes the filler
+                       value as is (an int stays an int, a list a list); other strings are rendered
+                       like ``text``.
 ``combine``            ``"product"`` (default): every combination of the slots' lists, first slot
                        slowest. ``"cycle"``: as many items as the longest list, item k takes element
                        ``k % len`` of each list — for parameters (word limits, phrases) that should
@@ -108,14 +110,21 @@ class Template:
             rendered: dict[str, Any] = {}
             for key, value in spec.items():
                 if key != "type" and isinstance(value, str):
-                    whole = _WHOLE.fullmatch(value)
-                    value = _lookup(whole, binding, where) if whole else _render(value, binding, where)
+                    value = self._param(value, binding, where)
+                elif key != "type" and isinstance(value, list):
+                    value = [self._param(v, binding, where) if isinstance(v, str) else v for v in value]
                 rendered[key] = value
             try:
                 specs.append(validate_spec(rendered))
             except ValueError as e:
                 raise TemplateError(f"{where}: constraint {rendered}: {e}") from None
         return text, refs, specs
+
+
+    @staticmethod
+    def _param(value: str, binding: dict[str, Any], where: str) -> Any:
+        whole = _WHOLE.fullmatch(value)
+        return _lookup(whole, binding, where) if whole else _render(value, binding, where)
 
 
 def _lookup(match: re.Match[str], binding: dict[str, Any], where: str) -> Any:
@@ -243,8 +252,9 @@ def parse_templates(
             used |= _placeholders(r)
         for s in specs:
             for v in s.values():
-                if isinstance(v, str):
-                    used |= _placeholders(v)
+                for part in v if isinstance(v, list) else [v]:
+                    if isinstance(part, str):
+                        used |= _placeholders(part)
         bound = {s for s, _ in slots}
         if used - bound:
             raise TemplateError(f"{where}: placeholders without a filler list: {sorted(used - bound)}")

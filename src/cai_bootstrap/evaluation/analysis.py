@@ -29,6 +29,7 @@ from typing import Any
 from ..formats import END_SUFFIX, cut_response
 from ..schemas import CATEGORIES, EvalResponse, EvalScore, InstructionRecord
 from . import criteria as crit
+from . import ifeval
 from .statistics import PairComparison, adjust_all, compare_pair, min_detectable_difference, summarize
 
 RESULTS_SCHEMA = "cai-bootstrap/results/v1"
@@ -61,8 +62,9 @@ DEFINITIONS: dict[str, str] = {
     "factually_correct": "matches a reference answer (only items with references)",
     "coherent": "not looping, not symbol soup or gibberish",
     "on_topic": "about the instruction's subject (where words can tell)",
-    "ifeval_strict": "all the item's constraints hold, strict (only items with constraints)",
-    "ifeval_loose": "all the item's constraints hold, IFEval loose mode (only items with constraints)",
+    "ifeval_strict": "IFEval prompt-level strict: every IFEval instruction of the item followed, by Google's "
+                     "official checks, on the response cut at its stop string (only items with instructions)",
+    "ifeval_loose": "IFEval prompt-level loose: the same with IFEval's loose response variants",
 }
 
 
@@ -93,21 +95,19 @@ def _preview(ids: Sequence[str], k: int = 5) -> str:
 
 
 def score_one(item: InstructionRecord, response: EvalResponse) -> EvalScore:
-    strict, loose = crit.score_checks(item, response)
     return EvalScore(
         id=item.id,
         model=response.model,
         category=item.category,
         criteria=crit.score(item, response),
-        checks_strict=strict,
-        checks_loose=loose,
+        **ifeval.verdict_fields(item, response.response),
     )
 
 
 def score_all(
     items: Sequence[InstructionRecord], responses: Mapping[str, Sequence[EvalResponse]]
 ) -> list[EvalScore]:
-    """Score every model's response to every test item (criteria.score + criteria.score_checks).
+    """Score every model's response to every test item (criteria.score + the official IFEval verdicts).
 
     Raises ValueError when a model lacks a response for a test item, has responses for ids that
     are not test items, has two responses for one item, or holds a response labelled with another

@@ -2,11 +2,11 @@
 
 Each criterion is a function ``(item: InstructionRecord, r: EvalResponse) -> bool | None`` where
 None means "does not apply to this item" (it is left out of that criterion's rate). They are
-built from the shared predicates in ``cai_bootstrap.quality`` and the verifiable checks in
+built from the shared predicates in ``cai_bootstrap.quality`` and the IFEval checks in
 ``cai_bootstrap.constraints``, so data quality control and evaluation judge text the same way.
 
-``score`` applies all of them in ``CRITERIA`` order; ``score_checks`` gives the IFEval-style
-(strict, loose) verdict on the item's constraints.
+``score`` applies all of them in ``CRITERIA`` order; ``score_checks`` gives IFEval's prompt-level
+(strict, loose) verdict on the item's instructions.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ CATEGORY_WORD_BOUNDS: dict[str, tuple[int, int]] = {
 # A stated min_words raises the category upper bound to at least this multiple of it, so that
 # "at least 300 words" on an open item (bound 250) can be met without being "too long".
 MIN_WORDS_HEADROOM = 2
-# Constraint types that state a length; appropriate_length honours them (checked loosely).
-LENGTH_CONSTRAINTS: tuple[str, ...] = ("max_words", "min_words", "num_sentences")
+# IFEval instructions that state a length; appropriate_length honours them (checked loosely).
+LENGTH_CONSTRAINTS: tuple[str, ...] = constraints.LENGTH_TYPES
+_WORDS = "length_constraints:number_words"
 
 
 def _references_matched(item: InstructionRecord, r: EvalResponse) -> bool:
@@ -107,9 +108,9 @@ def addresses_instruction(item: InstructionRecord, r: EvalResponse) -> bool:
 def appropriate_length(item: InstructionRecord, r: EvalResponse) -> bool:
     """The response is neither too short nor too long for the item.
 
-    Stated bounds (max_words, min_words, num_sentences) must hold, judged loosely like the checks
-    so that a one-line preamble is forgiven; a side without a stated bound uses
-    CATEGORY_WORD_BOUNDS (the upper one raised to MIN_WORDS_HEADROOM x a stated min_words),
+    Stated bounds (IFEval's number_words and number_sentences) must hold, judged loosely so that a
+    one-line preamble is forgiven; a side without a stated word bound uses CATEGORY_WORD_BOUNDS
+    (the upper one raised to MIN_WORDS_HEADROOM x a stated "at least" word count),
     except that a reference-matching answer has no category upper bound (a correct answer does
     not fail for being long). Empty fails.
     """
@@ -119,15 +120,15 @@ def appropriate_length(item: InstructionRecord, r: EvalResponse) -> bool:
     stated = [c for c in item.constraints if c["type"] in LENGTH_CONSTRAINTS]
     if not all(constraints.check(c, text, loose=True) for c in stated):
         return False
-    types = {c["type"] for c in stated}
+    words = [c for c in stated if c["type"] == _WORDS]
     low, high = CATEGORY_WORD_BOUNDS[item.category]
-    for c in stated:
-        if c["type"] == "min_words":
-            high = max(high, MIN_WORDS_HEADROOM * c["n"])
+    for c in words:
+        if c["relation"] == "at least":
+            high = max(high, MIN_WORDS_HEADROOM * c["num_words"])
     n = constraints.count_words(text)
-    if "min_words" not in types and n < low:
+    if not any(c["relation"] == "at least" for c in words) and n < low:
         return False
-    if "max_words" not in types and not _references_matched(item, r) and n > high:
+    if not any(c["relation"] == "less than" for c in words) and not _references_matched(item, r) and n > high:
         return False
     return True
 
@@ -195,6 +196,6 @@ def score(item: InstructionRecord, r: EvalResponse) -> dict[str, bool | None]:
 
 
 def score_checks(item: InstructionRecord, r: EvalResponse) -> tuple[bool | None, bool | None]:
-    """(strict, loose) verdict on the item's constraints for r.response; (None, None) without any."""
-    return constraints.check_all(item.constraints, r.response)
+    """IFEval's prompt-level (strict, loose) verdict on r.response; (None, None) without instructions."""
+    return constraints.check_all(item.constraints, r.response, item.instruction)
 

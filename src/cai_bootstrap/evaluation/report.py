@@ -424,6 +424,32 @@ def power_section(results: Mapping[str, Any]) -> Section:
     ])
 
 
+def ifeval_section(results: Mapping[str, Any]) -> Section | None:
+    """IFEval's four metrics and per-instruction-id pass rates (results["ifeval"])."""
+    info = results.get("ifeval")
+    if not info or not info["n_prompts"]:
+        return None
+    models = results["models"]
+    metrics = ("prompt_level_strict", "prompt_level_loose", "inst_level_strict", "inst_level_loose")
+    rows = [[m, *[rate_cell(info["models"][m][k]) for k in metrics]] for m in models]
+    per_id = [[i, str(next((info["models"][m]["per_instruction"][i]["n"] for m in models
+                            if i in info["models"][m]["per_instruction"]), 0)),
+               *[f"{pct(info['models'][m]['per_instruction'][i]['strict'])} / "
+                 f"{pct(info['models'][m]['per_instruction'][i]['loose'])}"
+                 if i in info["models"][m]["per_instruction"] else "-" for m in models]]
+              for i in info["instruction_ids"]]
+    return Section("IFEval", "ifeval", [
+        Para(f"{info['n_prompts']} test items carry {info['n_instructions']} IFEval instructions "
+             f"({len(info['instruction_ids'])} distinct ids), checked by {info['implementation']}. "
+             f"Checked text: {info['checked_text']}."),
+        Para(f"Did these checks also filter the training data? {info['filtered_training_data']}.", "note"),
+        Table(["model", *metrics], rows, numeric=[False] + [True] * len(metrics)),
+        Bullets([f"{k}: {v}" for k, v in info["definitions"].items()]),
+        Details("pass rate per instruction id (strict / loose)",
+                [Table(["instruction id", "n", *models], per_id, numeric=[False, True] + [True] * len(models))]),
+    ])
+
+
 def categories_section(results: Mapping[str, Any]) -> Section:
     models = results["models"]
     rows = []
@@ -549,6 +575,7 @@ def build_sections(results, images, samples, baseline, summaries, provenance) ->
         plots_section(images),
         comparisons_section(results),
         power_section(results),
+        ifeval_section(results),
         categories_section(results),
         judge_section(results),
         baseline_section(baseline),

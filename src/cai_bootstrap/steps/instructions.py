@@ -17,7 +17,8 @@ from ..files import atomic_write_json, write_jsonl
 from ..formats import RUNAWAY_MARKERS
 from ..generation.engine import Decoding
 from ..run import Run
-from ..schemas import InstructionRecord, load_jsonl
+from ..evaluation.ifeval import is_input_file, load_test_items
+from ..schemas import InstructionRecord
 from .common import INSTRUCTIONS, INSTRUCTIONS_REPORT, TEST
 from .generator import Generator
 
@@ -51,7 +52,8 @@ def self_instruct(config: PipelineConfig, seeds: list[InstructionRecord]) -> tup
 
 
 def _load_user(path: str | None) -> list[InstructionRecord]:
-    return load_jsonl(Path(path), InstructionRecord) if path else []
+    """InstructionRecord JSONL, or IFEval's input_data.jsonl (evaluation.ifeval.load_inputs)."""
+    return load_test_items(Path(path)) if path else []
 
 
 def run_instructions(run: Run, force: bool = False) -> bool:
@@ -70,7 +72,10 @@ def run_instructions(run: Run, force: bool = False) -> bool:
         # Order is priority for de-duplication: the user's items, then built-in, then self-instruct.
         candidates = [*user_train, *builtin, *generated]
         dedup = deduplicate(candidates, threshold=cfg.dedup_threshold)
-        if user_test:
+        if user_test and is_input_file(cfg.test_file):
+            # A benchmark is its prompts: IFEval's file is kept whole, never de-duplicated.
+            train, test, test_dropped = dedup.kept, user_test, {}
+        elif user_test:
             test_dedup = deduplicate(user_test, threshold=cfg.dedup_threshold)
             train, test = dedup.kept, test_dedup.kept
             test_dropped = test_dedup.counts

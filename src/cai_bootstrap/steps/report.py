@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..console import console
+from ..evaluation import ifeval
 from ..evaluation.analysis import analyze, score_all, select_samples
 from ..evaluation.report import headline_table, write_report
 from ..files import atomic_write_json, write_jsonl
@@ -65,6 +66,7 @@ def build_report(run: Run) -> dict:
     scores = with_judge(score_all(items, responses), run)
     cfg = run.config.evaluation
     results = analyze(items, scores, models=names, q=cfg.fdr_q, n_resamples=cfg.bootstrap_resamples, seed=run.config.seed)
+    results["ifeval"] = ifeval.summary(items, scores, names, ifeval.QC_STATEMENT)
     write_jsonl(run.path(SCORES), scores)
     atomic_write_json(run.path(RESULTS), results)
     baseline = json.loads(run.path(BASELINE).read_text()) if run.path(BASELINE).exists() else None
