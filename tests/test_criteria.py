@@ -132,7 +132,8 @@ def test_addresses_instruction_positive():
     assert C.addresses_instruction(no_ref, make_response(" Volcanoes erupt when magma rises.\nEND")) is True
     completion = make_item("Complete the sentence: The sun rises in the", category="completion")
     assert C.addresses_instruction(completion, make_response(" east.\nEND")) is True
-    fruits = make_item("List three fruits.", category="format", constraints=[{"type": "num_list_items", "n": 3}])
+    fruits = make_item("List three fruits.", category="format",
+                       constraints=[{"type": "detectable_format:number_bullet_lists", "num_bullets": 3}])
     assert C.addresses_instruction(fruits, make_response(" Sure:\n- apple\n- pear\n- plum\nEND")) is True
     joke = make_item("Tell me a joke.", category="open")  # one topic word: benefit of doubt
     assert C.addresses_instruction(joke, make_response(" Why did the chicken cross the road?\nEND")) is True
@@ -172,19 +173,20 @@ def test_appropriate_length_category_bounds():
 
 def test_appropriate_length_stated_bounds_win():
     short = make_item("Describe Paris in at most 5 words.", category="constrained",
-                      constraints=[{"type": "max_words", "n": 5}], refs=["Paris"])
+                      constraints=[{"type": "length_constraints:number_words", "relation": "less than", "num_words": 6}], refs=["Paris"])
     assert C.appropriate_length(short, make_response(" Paris: lovely, old, bright.\nEND")) is True
     assert C.appropriate_length(short, make_response(" Sure, here it is:\nParis is lovely.\nEND")) is True  # loose
     # a stated maximum binds even a correct answer
     assert C.appropriate_length(short, make_response(" Paris is a lovely old bright city.\nEND")) is False
     essay = make_item("Write about rivers in at least 300 words.", category="open",
-                      constraints=[{"type": "min_words", "n": 300}])
+                      constraints=[{"type": "length_constraints:number_words", "relation": "at least", "num_words": 300}])
     text = " " + "Rivers carry water to the sea. " * 50 + "\nEND"  # 300 words > the open bound of 250
     assert C.appropriate_length(essay, make_response(text)) is True
     assert C.appropriate_length(essay, make_response(" Rivers flow.\nEND")) is False
     assert C.appropriate_length(essay, make_response(" " + "Rivers carry water to the sea. " * 110)) is False
     two = make_item("Describe rain in exactly two sentences.", category="constrained",
-                    constraints=[{"type": "num_sentences", "n": 2}])
+                    constraints=[{"type": "length_constraints:number_sentences", "relation": "at least", "num_sentences": 2},
+                                 {"type": "length_constraints:number_sentences", "relation": "less than", "num_sentences": 3}])
     assert C.appropriate_length(two, make_response(" Rain falls. It is wet.\nEND")) is True
     assert C.appropriate_length(two, make_response(" Rain falls. It is wet. I like it.\nEND")) is False
 
@@ -238,10 +240,11 @@ def test_on_topic():
 def test_score_checks():
     assert C.score_checks(FRANCE, GOOD) == (None, None)
     lower = make_item("Name a colour in lowercase.", category="constrained",
-                      constraints=[{"type": "all_lowercase"}, {"type": "max_words", "n": 3}])
-    assert C.score_checks(lower, make_response(" blue\nEND")) == (True, True)
-    assert C.score_checks(lower, make_response(" Sure thing!\nblue\nEND")) == (False, True)
-    assert C.score_checks(lower, make_response(" Blue\nEND")) == (False, False)
+                      constraints=[{"type": "change_case:english_lowercase"},
+                                   {"type": "length_constraints:number_words", "relation": "less than", "num_words": 9}])
+    assert C.score_checks(lower, make_response(" the sky is blue and clear today\nEND")) == (True, True)
+    assert C.score_checks(lower, make_response(" Sure thing!\nthe sky is blue and clear today\nEND")) == (False, True)
+    assert C.score_checks(lower, make_response(" The sky is blue and clear today\nEND")) == (False, False)
 
 
 def test_score_refuses_a_mismatched_id():
@@ -256,7 +259,7 @@ def test_score_never_raises(raw, finish):
     r = make_response(raw)
     if finish != "stop":
         r = r.model_copy(update={"finish_reason": finish, "stop_string": None})
-    item = make_item(refs=["Paris"], constraints=[{"type": "max_words", "n": 5}])
+    item = make_item(refs=["Paris"], constraints=[{"type": "length_constraints:number_words", "relation": "less than", "num_words": 6}])
     scores = C.score(item, r)
     assert set(scores) == set(C.CRITERIA)
     assert all(v in (True, False, None) for v in scores.values())

@@ -78,7 +78,7 @@ def test_qc_reasons():
     assert qc_reason(it, "Write one sentence about the ocean.", "\nEND", "stop") == "copies_instruction"
     assert qc_reason(it, "I'm sorry, but as an AI I cannot help with that.", "\nEND", "stop") == "refusal"
     lower = item(instruction="Describe a cat in all lowercase letters.", category="format",
-                 constraints=[{"type": "all_lowercase"}])
+                 constraints=[{"type": "change_case:english_lowercase"}])
     assert qc_reason(lower, "A Cat Is Soft And Purrs.", "\nEND", "stop") == "constraint_failed"
     assert qc_reason(lower, "a cat is soft and purrs.", "\nEND", "stop") is None
     capital = item(instruction="What is the capital of Sweden?", category="qa", reference_answers=["Stockholm"])

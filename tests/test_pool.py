@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -72,7 +73,8 @@ def test_records_are_valid_and_clean(pool):
         assert not any(m in r.instruction for m in TEMPLATE_MARKERS)
         for spec in r.constraints:
             assert validate_spec(spec) is spec
-            for name, typ in CONSTRAINT_PARAMS[spec["type"]].items():
+            for name, kind in CONSTRAINT_PARAMS[spec["type"]].items():  # ints stay ints, lists lists
+                typ = {"int": int, "regex_list": list}.get(kind, str)
                 assert type(spec[name]) is typ, (r.id, spec)
 
 
@@ -90,7 +92,8 @@ def test_ids_stable_across_runs_and_hash_seeds(pool):
     )
     digests = {
         subprocess.run(
-            [sys.executable, "-c", code], env={"PYTHONHASHSEED": seed, "PATH": ""}, capture_output=True,
+            [sys.executable, "-c", code], capture_output=True,  # PYTHONPATH kept: the same sources
+            env={"PYTHONHASHSEED": seed, "PATH": "", **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}},
             text=True, check=True,
         ).stdout.strip()
         for seed in ("12345",)
@@ -220,23 +223,38 @@ def test_constraints_agree_with_the_text(by_template):
     words = {2: "two", 3: "three", 4: "four", 5: "five"}
     for r in by_template["fmt-bullets"]:
         (spec,) = r.constraints
-        assert f"exactly {words[spec['n']]} bullet points" in r.instruction
+        assert f"exactly {words[spec['num_bullets']]} markdown bullet points" in r.instruction
     for r in by_template["fmt-sentences"]:
-        assert f"exactly {words[r.constraints[0]['n']]} sentences" in r.instruction
-    for tid in ("fmt-max-words", "con-explain-briefly", "fmt-min-words"):
+        assert f"at least {words[r.constraints[0]['num_sentences']]} sentences" in r.instruction
+    for tid, phrase in (("fmt-max-words", "fewer than"), ("con-explain-briefly", "fewer than"), ("fmt-min-words", "at least")):
         for r in by_template[tid]:
-            assert f"{r.constraints[0]['n']} words" in r.instruction
-    for r in by_template["fmt-ends-with"]:
-        assert r.instruction.endswith(f'"{r.constraints[0]["phrase"]}"')
-    for r in by_template["fmt-starts-with"]:
-        assert f'"{r.constraints[0]["phrase"]}"' in r.instruction
-    for r in by_template["fmt-keyword"]:
-        assert f'"{r.constraints[0]["keyword"]}"' in r.instruction
+            assert f"{phrase} {r.constraints[0]['num_words']} words" in r.instruction
+    for r in by_template["fmt-ends-with"] + by_template["ifv-end-phrase-scene"]:
+        assert f'"{r.constraints[0]["end_phrase"]}"' in r.instruction
+    for r in by_template["fmt-starts-with"] + by_template["ifv-second-paragraph-word"]:
+        assert f'"{r.constraints[0]["first_word"]}"' in r.instruction
+    for r in by_template["fmt-keyword"] + by_template["ifv-keywords-both"]:
+        assert all(f'"{k}"' in r.instruction for k in r.constraints[0]["keywords"])
+    for r in by_template["ifv-forbidden-two"] + by_template["ifv-forbidden-one"]:
+        assert all(f'"{k}"' in r.instruction for k in r.constraints[0]["forbidden_words"])
+    for r in by_template["ifv-repeat-poem"] + by_template["ifv-repeat-explain"]:
+        assert r.instruction.startswith(r.constraints[0]["prompt_to_repeat"])
     for r in by_template["con-list-three"]:
-        assert r.constraints == [{"type": "num_list_items", "n": 3}]
+        assert r.constraints == [{"type": "detectable_format:number_bullet_lists", "num_bullets": 3}]
     for r in by_template["con-one-word"] + by_template["con-yes-no"]:
-        assert {"type": "max_words", "n": 1} in r.constraints
+        assert {"type": "length_constraints:number_words", "relation": "less than", "num_words": 2} in r.constraints
         assert all(len(a.split()) == 1 for a in r.reference_answers)
+
+
+def test_every_ifeval_id_is_carried_by_two_templates(by_template):
+    # A template-disjoint split can then put every id on both sides.
+    carriers: dict[str, set[str]] = {}
+    for tid, recs in by_template.items():
+        for r in recs:
+            for spec in r.constraints:
+                carriers.setdefault(spec["type"], set()).add(tid)
+    assert set(carriers) == set(CONSTRAINT_PARAMS)
+    assert {i: sorted(t) for i, t in carriers.items() if len(t) < 2} == {}
 
 
 def test_cycle_templates_vary_their_parameter(by_template):
@@ -260,17 +278,18 @@ def small(templates, fillers=None):
 def test_expansion_modes():
     product, cycle, sampled, sliced = small([
         {"id": "p", "category": "constrained", "text": "Name {n} {x}.", "fillers": {"x": "things", "n": "limits"},
-         "constraints": [{"type": "max_words", "n": "{n}"}]},
+         "constraints": [{"type": "length_constraints:number_words", "relation": "less than", "num_words": "{n}"}]},
         {"id": "c", "category": "constrained", "text": "Name {n} {x}.", "fillers": {"x": "things", "n": "limits"},
-         "constraints": [{"type": "max_words", "n": "{n}"}], "combine": "cycle"},
+         "constraints": [{"type": "keywords:existence", "keywords": ["{x}", "x{n}"]}], "combine": "cycle"},
         {"id": "s", "category": "open", "text": "About {x} and {y}.", "fillers": {"x": "things", "y": "things"}, "max_items": 4},
         {"id": "l", "category": "open", "text": "Describe {x}. {{literal}}", "fillers": {"x": "things[1:3]"}},
     ])
     recs = expand(product)
     assert [r.instruction for r in recs] == [
         "Name 5 apples.", "Name 10 apples.", "Name 5 pears.", "Name 10 pears.", "Name 5 plums.", "Name 10 plums."]
-    assert recs[1].constraints == [{"type": "max_words", "n": 10}]
+    assert recs[1].constraints == [{"type": "length_constraints:number_words", "relation": "less than", "num_words": 10}]
     assert [r.instruction for r in expand(cycle)] == ["Name 5 apples.", "Name 10 pears.", "Name 5 plums."]
+    assert expand(cycle)[1].constraints == [{"type": "keywords:existence", "keywords": ["pears", "x10"]}]
     first = [r.instruction for r in expand(sampled)]
     assert len(first) == 4 and first == [r.instruction for r in expand(sampled)]
     assert [r.id for r in expand(sampled)] == ["b-s-0", "b-s-1", "b-s-2", "b-s-3"]
@@ -294,7 +313,7 @@ GOOD = {"id": "ok", "category": "open", "text": "Write about {x}.", "fillers": {
         ({"fillers": {"x": "nothing"}}, "unknown filler list 'nothing'"),
         ({"text": "Write about {y}."}, "placeholders without a filler list"),
         ({"category": "chat"}, "category 'chat'"),
-        ({"constraints": [{"type": "max_words", "n": 0}]}, "positive integer"),
+        ({"constraints": [{"type": "length_constraints:number_words", "relation": "at least", "num_words": 0}]}, "positive integer"),
         ({"constraints": [{"type": "shout"}]}, "unknown constraint type"),
         ({"category": "qa"}, "needs reference_answers"),
         ({"colour": "red"}, "unknown keys"),
@@ -305,7 +324,8 @@ GOOD = {"id": "ok", "category": "open", "text": "Write about {x}.", "fillers": {
         ({"max_items": 0}, "max_items"),
         ({"id": "Bad Id"}, "'id'"),
         ({"text": "Write something.", "fillers": {"x": "things"}}, "not used"),
-        ({"fillers": {"x": "limits"}, "constraints": [{"type": "ends_with", "phrase": "{x}"}]}, "non-empty string"),
+        ({"fillers": {"x": "limits"}, "constraints": [{"type": "startend:end_checker", "end_phrase": "{x}"}]},
+         "non-empty string"),
     ],
 )
 def test_malformed_template_names_file_and_template(change, message):

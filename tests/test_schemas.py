@@ -68,8 +68,9 @@ def test_constraints_are_validated_inside_instruction_records():
         InstructionRecord(id="a", instruction="Say hi.", category="format", source="builtin",
                           constraints=[{"type": "max_wordz", "n": 3}])
     rec = InstructionRecord(id="a", instruction="Say hi.", category="format", source="builtin",
-                            constraints=[{"type": "max_words", "n": 3}])
-    assert rec.constraints[0]["n"] == 3
+                            constraints=[{"type": "length_constraints:number_words", "relation": "less than",
+                                          "num_words": 3}])
+    assert rec.constraints[0]["num_words"] == 3
 
 
 def test_responses_are_unique_per_model_and_id(tmp_path):

@@ -115,7 +115,7 @@ def _without(pattern: str, text: str, by: str = "something") -> str:
 
 def _break_constraint(spec: dict, response: str) -> str | None:
     """The response changed so that it breaks spec (verified by the caller with the official check);
-    None where no simple edit breaks it (a response language)."""
+    None where no simple edit breaks it (an answer that must be in English)."""
     kind = spec["type"].split(":", 1)[1]
     text = response.strip()
     if kind == "existence":
@@ -177,7 +177,9 @@ def _break_constraint(spec: dict, response: str) -> str | None:
         return _sentence_case(text) if _sentence_case(text) != text else text.title()
     if kind == "no_comma":
         return f"Well, here it is, in short: {text}"
-    return None  # response_language: no rule-made edit changes a language
+    if kind == "response_language" and spec["language"] != "en":
+        return _PADDING  # an English answer to "answer in French"
+    return None
 
 
 def constraint_violations(item: InstructionRecord, chosen: str) -> list[tuple[str, str]]:
