@@ -222,11 +222,10 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(record)"
 
 
-def validate_lines(path: Path, model: type[T], key_fields: tuple[str, ...] = ("id",)) -> tuple[list[T], list[str]]:
-    """Parse and validate every line; return the records and every problem found."""
-    records: list[T] = []
+def read_json_lines(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, object) for every line that is a JSON object; every other line is a problem."""
+    objects: list[tuple[int, dict]] = []
     problems: list[str] = []
-    seen: dict[tuple[Any, ...], int] = {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -246,6 +245,17 @@ def validate_lines(path: Path, model: type[T], key_fields: tuple[str, ...] = ("i
         if not isinstance(obj, dict):
             problems.append(f"{where}: (record): expected a JSON object, got {type(obj).__name__}")
             continue
+        objects.append((n, obj))
+    return objects, problems
+
+
+def validate_lines(path: Path, model: type[T], key_fields: tuple[str, ...] = ("id",)) -> tuple[list[T], list[str]]:
+    """Parse and validate every line; return the records and every problem found."""
+    records: list[T] = []
+    objects, problems = read_json_lines(path)
+    seen: dict[tuple[Any, ...], int] = {}
+    for n, obj in objects:
+        where = f"{path}:{n}"
         try:
             rec = model.model_validate(obj)
         except ValidationError as e:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import constraints
-from ..schemas import ArtifactError, EvalScore, InstructionRecord
+from ..schemas import ArtifactError, EvalScore, InstructionRecord, read_json_lines
 from .statistics import summarize
 
 INPUT_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
@@ -44,32 +44,6 @@ def implementation() -> str:
 # --------------------------------------------------------------------------------------------
 # File formats
 # --------------------------------------------------------------------------------------------
-
-
-def _objects(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, object) for every line; problems as ``file:line: field: problem``."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return [], [f"{path}: file not found"]
-    except UnicodeDecodeError as e:
-        return [], [f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]
-    out, problems = [], []
-    for n, line in enumerate(lines, start=1):
-        where = f"{path}:{n}"
-        if not line.strip():
-            problems.append(f"{where}: (line): blank line")
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: (json): {e.msg} at column {e.colno}")
-            continue
-        if not isinstance(obj, dict):
-            problems.append(f"{where}: (record): expected a JSON object, got {type(obj).__name__}")
-            continue
-        out.append((n, obj))
-    return out, problems
 
 
 def _first_object(path: Path) -> dict | None:
@@ -132,7 +106,7 @@ def _input_record(obj: dict) -> tuple[InstructionRecord | None, list[tuple[str, 
 def load_inputs(path: str | Path) -> list[InstructionRecord]:
     """IFEval's input_data.jsonl as test items; ArtifactError listing every bad line and field."""
     path = Path(path)
-    objects, problems = _objects(path)
+    objects, problems = read_json_lines(path)
     records: list[InstructionRecord] = []
     seen: dict[str, int] = {}
     prompts: dict[str, int] = {}
@@ -165,7 +139,7 @@ def load_responses(path: str | Path, items: Sequence[InstructionRecord]) -> dict
     """IFEval's response file as {item id: response}, matched by prompt. Every test item needs
     exactly one response (as in IFEval's own evaluation); anything else is an ArtifactError."""
     path = Path(path)
-    objects, problems = _objects(path)
+    objects, problems = read_json_lines(path)
     by_prompt = {it.instruction: it.id for it in items}
     out: dict[str, str] = {}
     first: dict[str, int] = {}
