@@ -40,7 +40,7 @@ CATEGORY_WORD_BOUNDS: dict[str, tuple[int, int]] = {
     "format": (1, 250),
     "open": (1, 250),
 }
-# A stated min_words raises the category upper bound to at least this multiple of it, so that
+# A stated "at least N words" raises the category upper bound to at least this multiple of it, so that
 # "at least 300 words" on an open item (bound 250) can be met without being "too long".
 MIN_WORDS_HEADROOM = 2
 # IFEval instructions that state a length; appropriate_length honours them (checked loosely).
