@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+FAKE_CPU = Path(__file__).resolve().parent / "fake_cpu"
+if os.environ.get("CAI_TEST_CPU"):  # run as another kind of CPU: see fake_cpu/sitecustomize.py
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_CPU), os.environ.get("PYTHONPATH")]))
+    import runpy
+
+    runpy.run_path(str(FAKE_CPU / "sitecustomize.py"))
+
 EMBEDDED = "smollm2-135m"
 
 

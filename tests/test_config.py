@@ -59,3 +59,20 @@ def test_section_hash_tracks_only_its_sections():
     assert a.section_hash("sft") == b.section_hash("sft")
     assert a.section_hash("dpo") != b.section_hash("dpo")
     assert a.hash() != b.hash()
+
+
+def test_mixed_precision_no_reads_as_written_in_yaml(tmp_path):
+    """YAML 1.1 reads a bare `no` as false; `mixed_precision: no` means "no", other booleans are errors."""
+    p = tmp_path / "c.yaml"
+    p.write_text("sft:\n  mixed_precision: no\ndpo:\n  mixed_precision: bf16\n")
+    cfg = load_config(p, ["dpo.mixed_precision=no"])
+    assert cfg.sft.mixed_precision == cfg.dpo.mixed_precision == "no"
+    assert load_config(None, ["sft.mixed_precision='no'"]).sft.mixed_precision == "no"
+    from cai_bootstrap.config import dump_config
+
+    assert load_config(None, ["sft.mixed_precision=no"]).sft.mixed_precision == "no"
+    p.write_text(dump_config(cfg))  # a resolved config written back reads the same
+    assert load_config(p).sft.mixed_precision == "no"
+    for bad in ("yes", "true", "fp16"):
+        with pytest.raises(ConfigError, match="sft.mixed_precision"):
+            load_config(None, [f"sft.mixed_precision={bad}"])

@@ -171,9 +171,10 @@ def sft_examples(n: int = 16) -> list[dict]:
 
 
 def sft_cfg(batch_size: int) -> dict:
+    # fp32 pinned: the comparisons below are at fp32 tolerances, and `auto` is bf16 on some CPUs
     return dict(lora=dict(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), learning_rate=1e-2, epochs=1,
                 batch_size=batch_size, gradient_accumulation_steps=1, warmup_ratio=0.0, max_length=128,
-                eval_share=0.0, max_drop_share=0.0, save_steps=1000, logging_steps=1)
+                eval_share=0.0, max_drop_share=0.0, save_steps=1000, logging_steps=1, mixed_precision="no")
 
 
 @pytest.mark.distributed
@@ -320,8 +321,9 @@ def dpo_pairs():
 
 
 def dpo_cfg(batch_size: int) -> dict:
+    # fp32 pinned, as sft_cfg
     return dict(batch_size=batch_size, max_steps=2, logging_steps=1, learning_rate=1e-2, max_length=128,
-                warmup_ratio=0.0, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+                warmup_ratio=0.0, lora={"r": 4, "alpha": 8, "dropout": 0.0}, mixed_precision="no")
 
 
 @pytest.mark.distributed

@@ -56,6 +56,7 @@ def make_cfg(**overrides) -> SFTConfig:
         max_drop_share=0.0,
         save_steps=1000,
         logging_steps=1,
+        mixed_precision="no",  # fp32: the comparisons here are at fp32 tolerances; bf16 in test_mixed_precision
     )
     data.update(overrides)
     return SFTConfig.model_validate(data)

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .files import sha256_text
 
 Quantization = Literal["none", "8bit", "4bit"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
-MixedPrecision = Literal["auto", "no", "bf16"]
+# YAML reads a bare `no` as false: `mixed_precision: no` means "no" (other booleans stay errors)
+MixedPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
 NEGATIVE_KINDS = ("refusal", "format_violation", "incorrect_fact", "off_topic", "verbose_vague")
 
 
