@@ -143,8 +143,8 @@ def test_vllm_backend_without_vllm_fails_at_step_start_in_one_line(tmp_path, tin
     assert len(message.splitlines()) == 1 and "Traceback" not in message
 
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # installed, but 8-bit weights asked for
-    config = load_config(None, [f"model.base={tiny_model_folder}", "generation.backend=vllm", "model.quantization=8bit"])
-    with pytest.raises(BackendUnavailable, match="model.quantization none"):
+    config = load_config(None, [f"model.base={tiny_model_folder}", "generation.backend=vllm", "model.generation_quantization=8bit"])
+    with pytest.raises(BackendUnavailable, match="model.generation_quantization none"):
         Generator(config)
 
 

@@ -181,3 +181,16 @@ def test_bad_arguments(smollm2_config_folder):
     with pytest.raises(ValueError, match="single"):
         plan(cfg, 8, "single")
     assert isinstance(SMOLLM2, ModelDims)
+
+
+def test_training_steps_plan_the_train_quantization_and_generation_steps_the_other(smollm2_config_folder):
+    cfg = config_for(smollm2_config_folder, "model.dtype=bfloat16", "model.train_quantization=4bit",
+                     "model.generation_quantization=8bit")
+    p = plan(cfg)
+    for step in ("sft", "dpo"):
+        assert p["steps"][step]["items"]["weights"] == weight_bytes(SMOLLM2, "bfloat16", "4bit")
+    for step in ("sft-data", "pairs", "evaluate"):
+        assert p["steps"][step]["items"]["weights"] == weight_bytes(SMOLLM2, "bfloat16", "8bit")
+    assert (p["model"]["train_weights_bytes"], p["model"]["generation_weights_bytes"]) == (
+        weight_bytes(SMOLLM2, "bfloat16", "4bit"), weight_bytes(SMOLLM2, "bfloat16", "8bit"))
+    assert "quantization: training 4bit, generation 8bit" in format_plan(p).splitlines()[0]

@@ -29,20 +29,39 @@ class Section(BaseModel):
 class ModelConfig(Section):
     base: str = "smollm2-135m"
     """Embedded name (see `cai-bootstrap models list`), a local folder, or a hub id."""
-    quantization: Quantization = "none"
-    """Load the base model 8-/4-bit through bitsandbytes (generation and QLoRA-style training)."""
+    train_quantization: Quantization = "none"
+    """The base under the LoRA while training (sft, dpo, dpo_only). 8bit/4bit: QLoRA (bitsandbytes;
+    the LoRA trains in full precision on frozen quantized weights, and DPO from SFT keeps the SFT
+    adapter unmerged on top). none: the base in model.dtype, the SFT adapter merged into it."""
+    generation_quantization: Quantization = "none"
+    """The model that generates and scores (baseline, instructions, sft-data and its critic, pairs,
+    evaluate, the judge). 8bit/4bit: the base through bitsandbytes with every adapter kept unmerged
+    on top (merging would re-quantize the sum and lose most of the adapter). generation.backend vllm
+    needs none."""
     allow_full_precision_fallback: bool = False
     """If quantized loading is impossible, load full precision and record it, instead of failing."""
     dtype: DType = "float32"
     add_bos_token: bool = False
     """Prepend the tokenizer's BOS to every prompt. Explicit, and recorded in provenance."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_quantization_for_both(cls, data: Any) -> Any:
+        """Configs written before the split: ``quantization: X`` sets both keys to X."""
+        if isinstance(data, dict) and "quantization" in data:
+            both = ("train_quantization", "generation_quantization")
+            if any(k in data for k in both):
+                raise ValueError("model.quantization is the old name of model.train_quantization and "
+                                 "model.generation_quantization together: set those two, not both forms")
+            data = {k: v for k, v in data.items() if k != "quantization"} | dict.fromkeys(both, data["quantization"])
+        return data
+
 
 class GenerationConfig(Section):
     batch_size: int = Field(16, ge=1)
     backend: Literal["hf", "vllm"] = "hf"
     """hf: transformers in this process (or sharded under --launcher accelerate); vllm: vLLM in this
-    process, GPUs only, needs `pip install '.[vllm]'` and model.quantization none."""
+    process, GPUs only, needs `pip install '.[vllm]'` and model.generation_quantization none."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vllm only: GPUs one vLLM engine splits the model over."""
 

@@ -5,7 +5,9 @@ For the configured base model it estimates, per GPU, what each step holds at its
 * **weights** -- parameter count x bytes per parameter: fp32 4 B, bf16/fp16 2 B; bitsandbytes
   8-bit: 1 B per linear weight + one fp32 scale per output row; 4-bit NF4: 0.5 B + one fp32 absmax
   per block of 64 weights (0.0625 B; no double quantisation, as models/loading.py configures it).
-  Embeddings, lm_head, norms and biases are never quantised and stay in the compute dtype.
+  Embeddings, lm_head, norms and biases are never quantised and stay in the compute dtype. Training
+  steps use ``model.train_quantization``, generation steps ``model.generation_quantization``; on a
+  quantized base the adapters stay unmerged (their fp32 A and B: a few MB, inside the overhead).
 * **LoRA** -- ``r x (in + out)`` per targeted linear layer; ``all-linear`` = q, k, v, o, gate, up,
   down in every decoder layer (PEFT's "all-linear" leaves lm_head out). PEFT keeps adapter weights in
   fp32 (``autocast_adapter_dtype``) even on a bf16 base, so the fp32 weights *are* the master copy:
@@ -263,7 +265,7 @@ def _generation_step(dims: ModelDims, wbytes: int, act_b: int, batch: int, promp
 def _training_step(dims: ModelDims, config: PipelineConfig, which: str, num_gpus: int, strategy: str,
                    checkpointing: bool) -> StepPlan:
     cfg = config.sft if which == "sft" else config.dpo
-    quant, dtype = config.model.quantization, config.model.dtype
+    quant, dtype = config.model.train_quantization, config.model.dtype
     b = dtype_bytes(dtype)
     act_b = 2 if which == "dpo" and dtype == "float32" else b  # TRL autocasts DPO to bf16 on GPUs
     sharded = strategy in ("fsdp", "zero3")
@@ -323,9 +325,9 @@ def plan(config: PipelineConfig, num_gpus: int = 1, strategy: str = "single", *,
             known = ", ".join(d.name for d in KNOWN_MODELS.values())
             raise ModelNotAvailable(f"{e}\nFor planning, a local folder with its config.json is enough; "
                                     f"sizes are built in for: {known}") from e
-    dtype, quant = config.model.dtype, config.model.quantization
+    dtype, quant = config.model.dtype, config.model.generation_quantization
     b = dtype_bytes(dtype)
-    wbytes = weight_bytes(dims, dtype, quant)
+    wbytes = weight_bytes(dims, dtype, quant)  # generation steps; training steps use train_quantization
 
     steps: dict[str, StepPlan] = {}
     if config.instructions.self_instruct_rounds > 0:
@@ -348,7 +350,9 @@ def plan(config: PipelineConfig, num_gpus: int = 1, strategy: str = "single", *,
     peak_step = max(steps, key=lambda s: steps[s].total)
     out: dict[str, Any] = {
         "model": {**asdict(dims), "head_dim": dims.hd, "params": dims.param_count(), "dtype": dtype,
-                  "quantization": quant, "weights_bytes": wbytes},
+                  "train_quantization": config.model.train_quantization, "generation_quantization": quant,
+                  "train_weights_bytes": weight_bytes(dims, dtype, config.model.train_quantization),
+                  "generation_weights_bytes": wbytes},
         "strategy": strategy,
         "num_gpus": num_gpus,
         "activation_checkpointing": activation_checkpointing,
@@ -394,7 +398,7 @@ def format_plan(p: dict[str, Any]) -> str:
     lines = [
         f"Memory plan: {m['name']} ({_count(m['params'])} params, {m['layers']} layers, hidden {m['hidden']}, "
         f"{m['heads']} heads / {m['kv_heads']} kv heads, vocab {m['vocab']}), "
-        f"{m['dtype']}{'' if m['quantization'] == 'none' else ', ' + m['quantization']}",
+        f"{m['dtype']}; quantization: training {m['train_quantization']}, generation {m['generation_quantization']}",
         f"Strategy: {p['strategy']} on {p['num_gpus']} GPU(s); GiB per GPU"
         + (f"; GPU memory {p['gpu_memory_bytes'] / GiB:.0f} GiB" if "gpu_memory_bytes" in p else ""),
         "",

@@ -102,6 +102,8 @@ class GeneratorProvenance(BaseModel):
     quantization: Literal["none", "8bit", "4bit"]
     quantization_requested: Literal["none", "8bit", "4bit"]
     full_precision_fallback: bool
+    adapters_applied: Literal["merged", "unmerged"] | None = None
+    """merged into full-precision weights, or unmerged on a quantized base; None without adapters."""
     dtype: str
     add_bos_token: bool
     decoding: dict[str, Any]

@@ -2,7 +2,8 @@
 
 A spec is an embedded name (``smollm2-135m``), a local folder, or a hub id (``Qwen/Qwen2.5-0.5B``).
 Quantized loading goes through bitsandbytes; when it is impossible the load fails with a clear
-message unless the caller allows a full-precision fallback, which is then recorded.
+message unless the caller allows a full-precision fallback, which is then recorded. Adapters are
+merged into full-precision weights and kept unmerged on quantized ones (:mod:`.adapters`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapters import apply_adapters
 from .embedded import EMBEDDED, ModelNotAvailable, prepare
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -141,7 +143,8 @@ def load_model(
     device: str | None = None,
     trainable: bool = False,
 ) -> LoadedModel:
-    """Load base weights fresh from disk, then apply the adapter chain (merged, in order)."""
+    """Load base weights fresh from disk, then apply the adapter chain in order, frozen: merged into
+    full-precision weights, unmerged on quantized ones (recorded as ``adapters_applied``)."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve(spec)
@@ -170,8 +173,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs).to(device)
     tok = load_tokenizer(resolved.path)
     adapter_paths = [str(Path(a)) for a in adapters or []]
-    for a in adapter_paths:
-        model = apply_adapter(model, a, merge=used == "none" or not trainable)
+    model, applied = apply_adapters(model, adapter_paths)
     if not trainable:
         model.eval()
     prov = {
@@ -185,18 +187,10 @@ def load_model(
         "dtype": str(torch_dtype).replace("torch.", ""),
         "device": device,
         "adapters": adapter_paths,
+        "adapters_applied": applied if adapter_paths else None,
         **tokenizer_facts(tok),
     }
     return LoadedModel(model, tok, resolved, prov)
-
-
-def apply_adapter(model, adapter_dir: str, merge: bool):
-    from peft import PeftModel
-
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise ModelNotAvailable(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    peft_model = PeftModel.from_pretrained(model, adapter_dir)
-    return peft_model.merge_and_unload() if merge else peft_model
 
 
 def fingerprint(model, sample: int = 65536, gather=None) -> str:

@@ -39,7 +39,8 @@ def generator_provenance(p: dict[str, Any], config: PipelineConfig, decoding: De
     return GeneratorProvenance(
         model=p["model"], model_fingerprint=model_fingerprint,
         adapters=p["adapters"], quantization=p["quantization"], quantization_requested=p["quantization_requested"],
-        full_precision_fallback=p["full_precision_fallback"], dtype=p["dtype"],
+        full_precision_fallback=p["full_precision_fallback"], adapters_applied=p.get("adapters_applied"),
+        dtype=p["dtype"],
         add_bos_token=config.model.add_bos_token, decoding=decoding.as_dict(), seed=decoding.seed,
     )
 

@@ -42,7 +42,7 @@ def train_dpo_here(run: Run, init: str) -> None:
     reference = reference_of(run, init)
     train_dpo(init, m.base, load_jsonl(run.path(PAIRS), PreferencePair), config.dpo, out_dir=run.path(OUT_DIRS[init]),
               seed=config.seed, sft_adapter=run.path(SFT_DIR) if init == "sft" else None,
-              quantization=m.quantization, dtype=m.dtype, add_bos=m.add_bos_token, cache_dir=run.path(REF_CACHE),
+              quantization=m.train_quantization, dtype=m.dtype, add_bos=m.add_bos_token, cache_dir=run.path(REF_CACHE),
               reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"),
               reference_processes=reference.get("num_processes"))
 

@@ -60,7 +60,7 @@ Loader = Callable[[ModelUnderTest, PipelineConfig], LoadedModel]
 def fresh_load(m: ModelUnderTest, config: PipelineConfig) -> LoadedModel:
     """Base weights from disk plus this model's own adapter chain: never a model object used before."""
     mc = config.model
-    return load_model(m.spec, quantization=mc.quantization, dtype=mc.dtype, adapters=list(m.adapters),
+    return load_model(m.spec, quantization=mc.generation_quantization, dtype=mc.dtype, adapters=list(m.adapters),
                       allow_full_precision_fallback=mc.allow_full_precision_fallback)
 
 

@@ -35,9 +35,9 @@ def check_backend(config: PipelineConfig) -> None:
     """Fail at the start of a step, in one line, when the configured backend cannot run here."""
     if config.generation.backend == "vllm":
         require_vllm()
-        if config.model.quantization != "none":
-            raise BackendUnavailable(f"generation.backend vllm needs model.quantization none (got "
-                                     f"{config.model.quantization}): vLLM loads the weights itself")
+        if config.model.generation_quantization != "none":
+            raise BackendUnavailable(f"generation.backend vllm needs model.generation_quantization none (got "
+                                     f"{config.model.generation_quantization}): vLLM loads the weights itself")
 
 
 class Generator:
@@ -56,7 +56,7 @@ class Generator:
         self.spec = spec or m.base
         self.adapters = [str(a) for a in adapters]
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
-        self._load = load or (lambda: load_model(self.spec, quantization=m.quantization, dtype=m.dtype,
+        self._load = load or (lambda: load_model(self.spec, quantization=m.generation_quantization, dtype=m.dtype,
                                                  adapters=self.adapters,
                                                  allow_full_precision_fallback=m.allow_full_precision_fallback))
         batch_size = batch_size or config.generation.batch_size
@@ -69,7 +69,7 @@ class Generator:
             self.engine = self._vllm_engine()
             self.runtime = {"backend": "vllm", "tensor_parallel_size": config.generation.tensor_parallel_size}
         elif accelerate_config is not None:
-            self.engine = LaunchedEngine(LaunchModel(self.spec, tuple(self.adapters), m.quantization, m.dtype,
+            self.engine = LaunchedEngine(LaunchModel(self.spec, tuple(self.adapters), m.generation_quantization, m.dtype,
                                                      m.allow_full_precision_fallback, batch_size, m.add_bos_token),
                                          Path(accelerate_config), self.work_dir)
             self.runtime = {"backend": "hf", "accelerate_config": str(accelerate_config)}

@@ -25,7 +25,7 @@ def train_sft_here(run: Run, resume: bool) -> dict:
     records = load_jsonl(run.path(SFT), SFTRecord)
     examples = [{"id": r.id, "prompt": prompt_for(r.instruction), "response": r.response} for r in records]
     result = train_sft(m.base, examples, config.sft, out_dir=run.path(SFT_DIR), seed=config.seed,
-                       quantization=m.quantization, allow_full_precision_fallback=m.allow_full_precision_fallback,
+                       quantization=m.train_quantization, allow_full_precision_fallback=m.allow_full_precision_fallback,
                        dtype=m.dtype, add_bos=m.add_bos_token, resume=resume)
     return result.metrics
 

@@ -1,16 +1,18 @@
 """DPO with a LoRA adapter through TRL's ``DPOTrainer``: two runs, one set of hyperparameters.
 
-``init="sft"``: the policy starts from the base model with the SFT adapter *merged* into its weights,
-plus a fresh LoRA adapter; ``init="base"`` (the DPO-only baseline): the same fresh LoRA on the base
-model. Everything else comes from one ``dpo:`` config block through :func:`trainer_arguments`, the
+``init="sft"``: the policy starts from the base model with the SFT adapter *merged* into its weights
+(on a quantized base, ``train_quantization`` 8bit/4bit, the SFT adapter stays unmerged on top instead:
+:mod:`~cai_bootstrap.models.adapters`), plus a fresh LoRA adapter; ``init="base"`` (the DPO-only
+baseline): the same fresh LoRA on the base model. Everything else comes from one ``dpo:`` config block through :func:`trainer_arguments`, the
 one place that builds TRL's ``DPOConfig``; the second run refuses to start (:class:`ParityError`)
 when its arguments differ from the first run's in anything but the output path.
 
 **The reference model.** With a PEFT policy and no ``ref_model``, TRL 1.16 keeps no second model: it
 computes the reference log-probabilities with the adapter disabled (``use_adapter(model, None)`` ->
 ``PeftModel.disable_adapter()``, in ``compute_ref_log_probs`` and ``_compute_loss``). The model under
-the adapter is the starting model, so the reference is the merged SFT model for ``init="sft"`` and
-the base model for ``init="base"``. LoRA's B matrices start at zero, so at step 0 the policy equals
+the adapter is the starting model, so the reference is the SFT model (merged, or the unmerged SFT
+adapter, which is not a PEFT layer and stays on) for ``init="sft"`` and the base model for
+``init="base"``. LoRA's B matrices start at zero, so at step 0 the policy equals
 the reference exactly (tested).
 
 **Plain-text data in TRL 1.16** (``DPOTrainer._prepare_dataset``, non-conversational branch):
@@ -641,7 +643,8 @@ def build_trainer(
     from peft import LoraConfig
     from trl import DPOConfig as TRLDPOConfig
 
-    from ..models.loading import apply_adapter, fingerprint, load_model
+    from ..models.adapters import apply_adapters
+    from ..models.loading import fingerprint, load_model
 
     if init not in ("sft", "base"):
         raise ValueError(f"init must be 'sft' or 'base', not {init!r}")
@@ -661,12 +664,13 @@ def build_trainer(
     base_fp = fingerprint(model)
     provenance: dict[str, Any] = {**loaded.provenance, "base_fingerprint": base_fp}
     if init == "sft":
-        # The SFT adapter merged into the weights (load_model's own merge): the policy starts here and
-        # the reference is this model (the fresh DPO adapter disabled). Loaded in two steps so that
-        # the base fingerprint is recorded too.
+        # The SFT adapter applied as load_model applies it (merged, or unmerged on a quantized base):
+        # the policy starts here and the reference is this model (the fresh DPO adapter disabled).
+        # Loaded in two steps so that the base fingerprint is recorded too.
         with _quiet():
-            model = apply_adapter(model, str(sft_adapter), merge=True)
+            model, applied = apply_adapters(model, [str(sft_adapter)])
         provenance["adapters"] = [str(sft_adapter)]
+        provenance["adapters_applied"] = applied
         provenance["sft_adapter_sha256"] = sha256_path(sft_adapter)
     start_fp = fingerprint(model) if init == "sft" else base_fp
     provenance["start_fingerprint"] = start_fp
@@ -785,10 +789,11 @@ def train_dpo(
         "sft_adapter": str(sft_adapter) if sft_adapter is not None else None,
         "sft_adapter_sha256": setup.provenance.get("sft_adapter_sha256"),
         "start_fingerprint": setup.provenance["start_fingerprint"],
-        "reference": "the starting model (merged SFT)" if init == "sft" else "the starting model (base)",
+        "reference": (f"the starting model (SFT adapter {setup.provenance['adapters_applied']})" if init == "sft"
+                      else "the starting model (base)"),
         "model": {k: setup.provenance.get(k) for k in (
             "path", "kind", "quantization", "quantization_requested", "full_precision_fallback", "dtype",
-            "device", "eos_token", "eos_token_id", "pad_token", "pad_token_id")},
+            "device", "adapters_applied", "eos_token", "eos_token_id", "pad_token", "pad_token_id")},
         "add_bos": add_bos,
         "seed": seed,
         "loss_type": cfg.loss_type,
