@@ -1,4 +1,8 @@
-"""The command line: one command per pipeline step, plus `run`, `validate`, `status`, `models`."""
+"""The command line: one command per pipeline step, plus `run`, `validate`, `status`, `models`.
+
+Every error ends as one line (``error: …``) and exit status 1; ``--debug`` or ``CAI_BOOTSTRAP_DEBUG=1``
+shows the traceback instead (docs/errors.md).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,63 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import Annotated, Optional, get_args
 
+import click
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
+from .config import DType, PipelineConfig
 from .console import console
+from .errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DEBUG_ENV = "CAI_BOOTSTRAP_DEBUG"
+
+
+def describe_error(e: Exception) -> str:
+    """One line for the user: our own errors say what and where; a system error names its file."""
+    from .run import StepFailed
+
+    if isinstance(e, (UserError, StepFailed)):
+        return str(e)
+    if isinstance(e, OSError) and e.filename is not None:
+        target = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.filename}{target}: {e.strerror or e}"
+    return f"{type(e).__name__}: {e} (unexpected: `cai-bootstrap --debug …` or {DEBUG_ENV}=1 shows the traceback)"
+
+
+class GuardedGroup(TyperGroup):
+    """Turns any exception of a command into one message and exit status 1, unless debugging."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as e:
+            if ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+                raise
+            fail(describe_error(e))
+
 
 app = typer.Typer(
     help="Bootstrap instruction following from a base model's own outputs, and prove whether it helped.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=GuardedGroup,
 )
 models_app = typer.Typer(help="Embedded and local models: list, prepare.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
 @app.callback()
-def _quiet_libraries() -> None:
+def _quiet_libraries(
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceback of an error (also: {DEBUG_ENV}=1).")] = False,
+) -> None:
     """Library progress bars and advisory warnings would drown our own progress display."""
     import warnings
 
@@ -80,6 +120,23 @@ def models_prepare(
 
 # ---------------------------------------------------------------- generate
 
+STOP_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def parse_stop(text: str) -> str:
+    """A --stop value as given, except the documented escapes; anything else after a backslash is an
+    error rather than a guess (``unicode_escape`` garbled non-ASCII text: é became Ã©)."""
+    import re
+
+    if not text:
+        fail("--stop '': an empty stop string would end every completion after its first token")
+    for m in re.finditer(r"\\(.?)", text, flags=re.S):
+        if m.group(1) not in STOP_ESCAPES:
+            fail(f"--stop '{text}': unknown escape {m.group(0)} at character {m.start() + 1}; "
+                 f"the escapes are \\n (newline), \\t (tab) and \\\\ (a backslash)")
+    return re.sub(r"\\(.)", lambda m: STOP_ESCAPES[m.group(1)], text, flags=re.S)
+
+
 @app.command()
 def generate(
     model: Annotated[str, typer.Option(help="Model spec: embedded name, local folder or hub id.")],
@@ -87,7 +144,7 @@ def generate(
     out: Annotated[Path, typer.Option(help="Where to write the generation records (JSONL).")],
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Token limit per completion.")] = 96,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable; default: END and runaway markers). Use \\n for a newline.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string, taken as given (repeatable; default: END and runaway markers). Escapes: \\n newline, \\t tab, \\\\ backslash.")] = None,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
@@ -101,22 +158,21 @@ def generate(
     from .formats import STOP_STRINGS
     from .generation.engine import Decoding, Engine
     from .generation.records import generate_records
-    from .models.embedded import ModelNotAvailable
-    from .models.loading import QuantizationUnavailable, load_model
-    from .schemas import ArtifactError, PromptRecord, load_jsonl
+    from .models.loading import load_model
+    from .schemas import PromptRecord, load_jsonl
 
     if quantization not in ("none", "8bit", "4bit"):
         fail(f"--quantization must be none, 8bit or 4bit, not {quantization!r}")
-    try:
-        records = load_jsonl(prompts, PromptRecord)
-    except ArtifactError as e:
-        fail(str(e))
-    stops = tuple(s.encode().decode("unicode_escape") for s in stop) if stop else STOP_STRINGS
-    try:
-        loaded = load_model(model, quantization=quantization, dtype=dtype,
-                            allow_full_precision_fallback=allow_full_precision_fallback)
-    except (ModelNotAvailable, QuantizationUnavailable) as e:
-        fail(str(e))
+    if dtype not in get_args(DType):
+        fail(f"--dtype must be {', '.join(get_args(DType))}, not {dtype!r}")
+    if out.is_dir():
+        fail(f"--out {out} is a directory; give a file name, e.g. {out / 'generations.jsonl'}")
+    stops = tuple(parse_stop(s) for s in stop) if stop else STOP_STRINGS
+    records = load_jsonl(prompts, PromptRecord)
+    if not records:
+        fail(f"{prompts}: no prompt records (the file is empty)")
+    loaded = load_model(model, quantization=quantization, dtype=dtype,
+                        allow_full_precision_fallback=allow_full_precision_fallback)
     decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                         stop_strings=stops)
     engine = Engine(loaded.model, loaded.tokenizer, batch_size=batch_size, add_bos=add_bos)
@@ -141,6 +197,8 @@ def validate(
 
     if kind not in KINDS:
         fail(f"unknown kind {kind!r}; known: {', '.join(KINDS)}", code=2)
+    if not file.is_file():
+        fail(f"{file}: {'is a directory, not a JSONL file' if file.is_dir() else 'file not found'}")
     n, problems = validate_kind(kind, file)
     for p in problems:
         print(p)
@@ -152,25 +210,34 @@ def validate(
 
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
-    """Show the steps of a run with their state, counts and times."""
-    manifest = run_dir / "manifest.json"
-    if not manifest.is_file():
-        fail(f"{manifest} not found: not a run directory")
-    steps = json.loads(manifest.read_text())["steps"]
+    """Show the steps of a run with their state, counts and times; a step whose process is gone shows as interrupted."""
+    from .locking import describe, lock_holder
+    from .run import Run
+
+    run = Run.open_existing(run_dir)
     table = Table(title=str(run_dir))
     for col in ("step", "status", "kept", "dropped", "duration", "ended"):
         table.add_column(col)
-    colors = {"done": "green", "failed": "red", "running": "yellow"}
-    for name, s in steps.items():
+    colors = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "red"}
+    interrupted = []
+    for name, s in run.steps().items():
+        state = run.state(name)
+        interrupted += [name] if state == "interrupted" else []
         counts = s.get("counts", {})
         dropped = counts.get("dropped") or {}
         table.add_row(
-            name, f"[{colors.get(s['status'], 'white')}]{s['status']}[/]",
+            name, f"[{colors.get(state, 'white')}]{state}[/]",
             "" if counts.get("kept") is None else str(counts["kept"]),
-            ", ".join(f"{k}={v}" for k, v in dropped.items()) or ("" if s["status"] != "done" else "0"),
+            ", ".join(f"{k}={v}" for k, v in dropped.items()) or ("" if state != "done" else "0"),
             f"{s.get('duration_s', 0):.1f}s" if "duration_s" in s else "", s.get("ended", ""),
         )
     console.print(table)
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        console.print(f"in use by {describe(holder)}")
+    for name in interrupted:
+        console.print(f"{name} was interrupted (its process is gone); run it again: `{run.command(name)}`",
+                      highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- pipeline steps
@@ -178,7 +245,8 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config (YAML), e.g. configs/quick.yaml.")]
 RunDirOpt = Annotated[Path, typer.Option("--run-dir", help="The run directory (created if missing).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b=value (repeatable).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even if inputs and config are unchanged.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even if inputs and config are unchanged (rebuilds outputs you edited).")]
+KeepEditsOpt = Annotated[bool, typer.Option("--keep-edits", help="Use outputs changed by hand since their step wrote them, instead of stopping (docs/errors.md).")]
 
 LauncherOpt = Annotated[str, typer.Option(help="none: run in this process; accelerate: `accelerate launch` the training (sft, dpo) and the generation of sft-data, pairs and evaluate.")]
 AccelerateConfigOpt = Annotated[Optional[Path], typer.Option(help="accelerate config for --launcher accelerate, e.g. configs/accelerate/ddp.yaml.")]
@@ -189,127 +257,134 @@ def _accelerate_config(launcher: str, accelerate_config: Path | None) -> Path | 
         fail("--launcher must be none or accelerate")
     if launcher == "accelerate" and accelerate_config is None:
         fail("--launcher accelerate needs --accelerate-config FILE (see configs/accelerate/)")
+    if launcher == "accelerate" and not accelerate_config.is_file():
+        fail(f"--accelerate-config {accelerate_config}: no such file (see configs/accelerate/)")
     return accelerate_config if launcher == "accelerate" else None
 
 
 
 
-def open_run(config: Path, run_dir: Path, overrides: list[str] | None):
-    from .config import ConfigError, load_config
-    from .run import Run
+def _step(fn, config: Path, run_dir: Path, overrides, *, command: str, keep_edits: bool = False,
+          check: Callable[[PipelineConfig], None] | None = None, **kwargs) -> None:
+    """Validate the config (and ``check`` the command's options against it) before anything is
+    written; then run ``fn`` with the run directory locked."""
+    from .config import load_config
+    from .run import open_run
 
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
-        fail(str(e))
-    return Run(run_dir, cfg)
-
-
-def _step(fn, config: Path, run_dir: Path, overrides, **kwargs) -> None:
-    from .generation.vllm_backend import BackendUnavailable
-    from .models.embedded import ModelNotAvailable
-    from .models.loading import QuantizationUnavailable
-    from .run import StepFailed
-    from .schemas import ArtifactError
-
-    run = open_run(config, run_dir, overrides)
-    try:
+    cfg = load_config(config, overrides)
+    if check is not None:
+        check(cfg)
+    with open_run(run_dir, cfg, command=command, config_path=config, keep_edits=keep_edits) as run:
         fn(run, **kwargs)
-    except (ArtifactError, StepFailed, ModelNotAvailable, QuantizationUnavailable, BackendUnavailable) as e:
-        fail(str(e))
 
 
 @app.command()
-def baseline(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def baseline(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+             keep_edits: KeepEditsOpt = False) -> None:
     """Score the base model on a fixed probe set in three prompt forms (raw, wrapper, few-shot)."""
     from .steps.baseline import run_baseline
 
-    _step(run_baseline, config, run_dir, set_, force=force)
+    _step(run_baseline, config, run_dir, set_, command="baseline", keep_edits=keep_edits, force=force)
 
 
 @app.command()
-def instructions(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def instructions(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+                 keep_edits: KeepEditsOpt = False) -> None:
     """Build the de-duplicated instruction pool and the held-out test set (leak-checked)."""
     from .steps.instructions import run_instructions
 
-    _step(run_instructions, config, run_dir, set_, force=force)
+    _step(run_instructions, config, run_dir, set_, command="instructions", keep_edits=keep_edits, force=force)
 
 
 @app.command("sft-data")
 def sft_data(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
-             launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
+             keep_edits: KeepEditsOpt = False, launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """Generate SFT responses with the base model (few-shot), clean, filter and critique them."""
     from .steps.sft_data import run_sft_data
 
-    _step(run_sft_data, config, run_dir, set_, force=force,
+    _step(run_sft_data, config, run_dir, set_, command="sft-data", keep_edits=keep_edits, force=force,
           accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()
 def sft(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+        keep_edits: KeepEditsOpt = False,
         resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
         launcher: Annotated[str, typer.Option(help="none | accelerate (several processes/GPUs).")] = "none",
         accelerate_config: AccelerateConfigOpt = None) -> None:
     """LoRA SFT with response-only loss; saves the adapter to models/sft/."""
     from .steps.sft import run_sft
 
-    _step(run_sft, config, run_dir, set_, force=force, resume=resume,
+    _step(run_sft, config, run_dir, set_, command="sft", keep_edits=keep_edits, force=force, resume=resume,
           accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()
 def pairs(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
-          launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
+          keep_edits: KeepEditsOpt = False, launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """Build preference pairs: the SFT model's responses vs five kinds of negatives plus on-policy ones."""
     from .steps.pairs import run_pairs
 
-    _step(run_pairs, config, run_dir, set_, force=force, accelerate_config=_accelerate_config(launcher, accelerate_config))
+    _step(run_pairs, config, run_dir, set_, command="pairs", keep_edits=keep_edits, force=force,
+          accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()
 def dpo(config: ConfigArg, run_dir: RunDirOpt,
         init: Annotated[str, typer.Option(help="sft: DPO from the SFT model; base: the DPO-only baseline.")] = "sft",
-        set_: SetOpt = None, force: ForceOpt = False,
+        set_: SetOpt = None, force: ForceOpt = False, keep_edits: KeepEditsOpt = False,
         launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """DPO with TRL from the SFT model (models/dpo) or from base (models/dpo_only); one shared dpo: block."""
     from .steps.dpo import run_dpo
 
     if init not in ("sft", "base"):
         fail("--init must be sft or base")
-    _step(run_dpo, config, run_dir, set_, init=init, force=force,
+    _step(run_dpo, config, run_dir, set_, command=f"dpo --init {init}", keep_edits=keep_edits, init=init, force=force,
           accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()
 def evaluate(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+             keep_edits: KeepEditsOpt = False,
              model: Annotated[Optional[list[str]], typer.Option(help="Evaluate only these models (repeatable).")] = None,
              launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """Evaluate base / sft / dpo / dpo_only one at a time on the held-out set, with isolation checks."""
     from .steps.evaluate import run_evaluate
 
-    _step(run_evaluate, config, run_dir, set_, force=force, only=model,
-          accelerate_config=_accelerate_config(launcher, accelerate_config))
+    def known_models(cfg: PipelineConfig) -> None:
+        known = [*cfg.evaluation.models, *cfg.evaluation.extra_models]
+        unknown = [m for m in model or [] if m not in known]
+        if unknown:
+            fail(f"--model {', '.join(unknown)}: not among the models this config evaluates ({', '.join(known)})")
+
+    _step(run_evaluate, config, run_dir, set_, command="evaluate", keep_edits=keep_edits, check=known_models,
+          force=force, only=model, accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with saved responses.")]) -> None:
     """Rebuild scores, statistics and the report from saved responses, without loading any model."""
-    from .run import Run
-    from .steps.report import run_report
+    from .run import open_run
+    from .steps.report import report_inputs, run_report
 
-    if not (run_dir / "manifest.json").is_file():
-        fail(f"{run_dir / 'manifest.json'} not found: not a run directory")
-    run_report(Run(run_dir))
+    with open_run(run_dir, None, command="report") as run:
+        run.check_inputs_ready("report", report_inputs(run))
+        run.remove_orphans()
+        run_report(run)
 
 
 @app.command()
 def run(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: ForceOpt = False,
+        keep_edits: KeepEditsOpt = False,
         until: Annotated[Optional[str], typer.Option(help="Stop after this step.")] = None,
         launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None) -> None:
     """Run every step in order, skipping completed ones, then write the report."""
-    from .steps.pipeline import run_pipeline
+    from .steps.pipeline import STEPS, run_pipeline
 
-    _step(run_pipeline, config, run_dir, set_, force=force, until=until,
+    names = [n for n, _ in STEPS]
+    if until is not None and until not in names:
+        fail(f"--until {until}: not a step; the steps are {', '.join(names)}")
+    _step(run_pipeline, config, run_dir, set_, command="run", keep_edits=keep_edits, force=force, until=until,
           accelerate_config=_accelerate_config(launcher, accelerate_config))
 
 

@@ -13,13 +13,22 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .files import sha256_text
+from . import yamlfile
+from .errors import UserError
+from .files import check_name, sha256_text
+from .yamlfile import KeyPath
 
 Quantization = Literal["none", "8bit", "4bit"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 # YAML reads a bare `no` as false: `mixed_precision: no` means "no" (other booleans stay errors)
 MixedPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
 NEGATIVE_KINDS = ("refusal", "format_violation", "incorrect_fact", "off_topic", "verbose_vague")
+
+
+EVALUATED_MODELS = ("base", "sft", "dpo", "dpo_only")
+"""The run's own models, in the order they are evaluated (each name becomes a file name)."""
+MAX_ITEMS = 1_000_000
+"""Item counts above this are taken for a typo (1e20 for 120), not a plan."""
 
 
 class Section(BaseModel):
@@ -74,20 +83,27 @@ class BaselineConfig(Section):
 
 
 class InstructionsConfig(Section):
-    builtin: int | None = Field(None, ge=0)
+    builtin: int | None = Field(None, ge=0, le=MAX_ITEMS)
     """How many built-in instructions to sample (None: the whole pool)."""
     self_instruct_rounds: int = Field(0, ge=0)
     """Prompts sent to the base model to write new instructions (each continues a numbered list)."""
     self_instruct_temperature: float = Field(0.9, gt=0)
     self_instruct_max_new_tokens: int = Field(160, ge=8)
     dedup_threshold: float = Field(0.7, gt=0, le=1)
-    test_size: float = Field(0.1, gt=0)
-    """Held-out share (< 1) or count (>= 1) of the pool, stratified by category."""
+    test_size: float = Field(0.1, gt=0, le=MAX_ITEMS)
+    """Held-out share (< 1) or count (>= 1, a whole number) of the pool, stratified by category."""
     train_file: str | None = None
     """Your own instructions (JSONL of InstructionRecord); validated, de-duplicated, leak-checked."""
     test_file: str | None = None
     """Your own held-out test set; when given, no test items are drawn from the pool. InstructionRecord
     JSONL, or IFEval's input_data.jsonl (key, prompt, instruction_id_list, kwargs), kept whole."""
+
+    @field_validator("test_size")
+    @classmethod
+    def _whole_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"a held-out count must be a whole number, not {value} (a share is below 1)")
+        return value
 
 
 class CriticConfig(Section):
@@ -213,9 +229,31 @@ class EvaluationConfig(Section):
             raise ValueError("judge must be none, self or hf:<model>")
         return value
 
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in EVALUATED_MODELS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {list(EVALUATED_MODELS)} "
+                             f"(other models go in evaluation.extra_models)")
+        if len(set(value)) < len(value):
+            raise ValueError(f"a model is listed twice: {value}")
+        return value
+
+    @field_validator("extra_models")
+    @classmethod
+    def _extra_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:  # each name becomes eval/responses/<name>.jsonl
+            check_name(name)
+            if name in EVALUATED_MODELS:
+                raise ValueError(f"{name!r} is one of the run's own models; give the extra model another name")
+        return value
+
 
 class PipelineConfig(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
+    """Below 2**31: numpy's legacy seeding (through transformers' set_seed) takes 32 bits, and
+    steps add small offsets (per epoch, per best-of-n round)."""
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     baseline: BaselineConfig = BaselineConfig()
@@ -236,20 +274,30 @@ class PipelineConfig(Section):
         return sha256_text(json.dumps(self.model_dump(mode="json"), sort_keys=True))
 
 
-class ConfigError(ValueError):
-    """A config that does not validate; the message names every offending key."""
+class ConfigError(UserError, ValueError):
+    """A config that does not validate; the message names every offending key, with file:line."""
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: {err.error_count()} problem(s)"]
+def _format_errors(source: str, err: ValidationError, where: dict[KeyPath, str]) -> str:
+    """One ``file:line: key: problem`` line per problem (``--set …`` for an override), under a
+    header when there are several."""
+    problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
+        loc = tuple(str(p) for p in e["loc"])
+        place = next((where[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in where), source)
+        msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        given = e.get("input")
+        if isinstance(given, (int, float, str)) and e["type"] != "extra_forbidden":
+            msg += f" (got {given!r:.60})"
+        problems.append(f"{place}: {'.'.join(loc) or '(top level)'}: {msg}")
+    if len(problems) == 1:
+        return problems[0]
+    return "\n".join([f"{source}: {len(problems)} problems", *(f"  {p}" for p in problems)])
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3``, ``true``, ``[a, b]``)."""
+def apply_override(data: dict[str, Any], assignment: str, where: dict[KeyPath, str] | None = None) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3``, ``true``, ``[a, b]``).
+    ``where`` (key path -> place) learns that the key now comes from this override."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key=value")
     key, raw = assignment.split("=", 1)
@@ -262,29 +310,60 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {assignment!r}: {p!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yamlfile.parse(raw, "--set")[0] if raw.strip() else ""
+    except yamlfile.YAMLSourceError as e:
+        raise ConfigError(f"--set {assignment!r}: the value is {e.problem} (quote a string that holds YAML "
+                          f"punctuation: key='\"…\"')") from None
+    node[parts[-1]] = value
+    if where is not None:
+        path = tuple(parts)
+        for k in [k for k in where if k[:len(path)] == path]:
+            del where[k]  # the file's lines for this key no longer apply
+        where[path] = f"--set {assignment}"
+
+
+def read_config_file(path: Path) -> tuple[dict[str, Any], dict[KeyPath, str]]:
+    """The config file's mapping and the ``file:line`` of each key; an empty file is an error."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") \
+            from None
+    try:
+        loaded, lines = yamlfile.parse(text, str(path))
+    except yamlfile.YAMLSourceError as e:
+        raise ConfigError(str(e)) from None
+    if loaded is None:
+        raise ConfigError(f"{path}: the config is empty, so every setting would be a default; write {{}} if that "
+                          f"is what you mean, or start from configs/quick.yaml")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of settings, not a {type(loaded).__name__}")
+    return loaded, {k: f"{path}:{line}" for k, line in lines.items()}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read YAML (or start from defaults), apply overrides, validate."""
     source = str(path) if path else "defaults"
     data: dict[str, Any] = {}
+    where: dict[KeyPath, str] = {}
     if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: config file not found") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = loaded or {}
+        data, where = read_config_file(Path(path))
     for assignment in overrides or []:
-        apply_override(data, assignment)
+        apply_override(data, assignment, where)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(source, e)) from None
+        raise ConfigError(_format_errors(source, e, where)) from None
 
 
 def dump_config(config: PipelineConfig) -> str:

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from .constraints import validate_spec
+from .errors import UserError
 
 CATEGORIES: tuple[str, ...] = ("qa", "completion", "constrained", "transformation", "format", "open")
 NEGATIVE_TYPES: tuple[str, ...] = (
@@ -52,10 +53,20 @@ class Record(BaseModel):
     id: Text
 
 
+MAX_INSTRUCTION_CHARS = 20_000
+"""Longer is taken for a mistake (a whole document pasted in): no prompt of this pipeline fits it."""
+
+
+def _plausible_length(value: str) -> str:
+    if len(value) > MAX_INSTRUCTION_CHARS:
+        raise ValueError(f"{len(value):,} characters; at most {MAX_INSTRUCTION_CHARS:,} (MAX_INSTRUCTION_CHARS)")
+    return value
+
+
 class InstructionRecord(Record):
     """An instruction of the training pool or the held-out test set."""
 
-    instruction: Text
+    instruction: Annotated[Text, AfterValidator(_plausible_length)]
     category: Category
     source: Literal["builtin", "self_instruct", "user"]
     reference_answers: list[Text] = Field(default_factory=list)
@@ -209,7 +220,7 @@ KINDS: dict[str, type[Record]] = {
 _KEY_FIELDS: dict[str, tuple[str, ...]] = {"responses": ("model", "id"), "scores": ("model", "id")}
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """An artifact failed validation; ``problems`` holds ``file:line: field: problem`` lines."""
 
     def __init__(self, path: Path, problems: list[str]):
@@ -217,7 +228,8 @@ class ArtifactError(ValueError):
         self.problems = problems
         shown = "\n".join(problems[:20])
         more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(f"{path}: {len(problems)} problem(s)\n{shown}{more}")
+        # one problem is one line (it names the file already); several come under a count
+        super().__init__(problems[0] if len(problems) == 1 else f"{path}: {len(problems)} problem(s)\n{shown}{more}")
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -232,6 +244,10 @@ def read_json_lines(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return [], [f"{path}: file not found"]
+    except IsADirectoryError:
+        return [], [f"{path}: is a directory, not a JSONL file"]
+    except OSError as e:
+        return [], [f"{path}: cannot read: {e.strerror}"]
     except UnicodeDecodeError as e:
         return [], [f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]
     for n, line in enumerate(lines, start=1):

@@ -23,6 +23,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from ..errors import UserError
 from .dedup import DEFAULT_THRESHOLD, near_duplicate_pairs
 
 
@@ -38,7 +39,7 @@ class Purged(NamedTuple):
     similarity: float
 
 
-class LeakageError(ValueError):
+class LeakageError(UserError, ValueError):
     """Test items that are (near-)duplicates of training items; ``pairs`` lists every one."""
 
     def __init__(self, pairs: list[Leak], threshold: float):

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .engine import Decoding, Generation, GenerationStats, encode_prompts, finish
 
 INSTALL_HINT = "pip install '.[vllm]'"
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """The configured generation backend cannot run here."""
 
 

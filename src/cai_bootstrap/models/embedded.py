@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -37,7 +39,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-class ModelNotAvailable(RuntimeError):
+class ModelNotAvailable(UserError, RuntimeError):
     """A model spec that cannot be loaded here, with what to do about it."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .adapters import apply_adapters
 from .embedded import EMBEDDED, ModelNotAvailable, prepare
 
@@ -29,6 +30,13 @@ class ResolvedModel:
     kind: str  # embedded | local | hub
 
 
+def _looks_like_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+
+
+_shadow_noted: set[str] = set()
+
+
 def resolve(spec: str) -> ResolvedModel:
     if spec in EMBEDDED:
         folder, _ = prepare(spec)
@@ -37,8 +45,14 @@ def resolve(spec: str) -> ResolvedModel:
     if local.exists():
         if not (local / "config.json").is_file():
             raise ModelNotAvailable(f"{local} is not a model folder (no config.json)")
+        if _looks_like_hub_id(spec) and spec not in _shadow_noted:
+            _shadow_noted.add(spec)  # once per process: a run loads its model many times
+            from ..console import console
+
+            console.print(f"[yellow]note: model {spec!r} is the local folder {local.resolve()}, not the hub model "
+                          f"of that name (a folder of that name here shadows it)[/]", highlight=False, soft_wrap=True)
         return ResolvedModel(spec, local.resolve(), "local")
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+    if _looks_like_hub_id(spec):
         return ResolvedModel(spec, _hub_snapshot(spec), "hub")
     raise ModelNotAvailable(
         f"model {spec!r} is neither an embedded name ({', '.join(EMBEDDED)}), a local folder, nor a hub id (org/name)"
@@ -96,7 +110,7 @@ def tokenizer_facts(tok) -> dict[str, Any]:
     }
 
 
-class QuantizationUnavailable(RuntimeError):
+class QuantizationUnavailable(UserError, RuntimeError):
     pass
 
 

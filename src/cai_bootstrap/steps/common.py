@@ -32,6 +32,15 @@ SCORES = "eval/scores.jsonl"
 REPORT_DIR = "report"
 TMP = "tmp"  # launch requests and merged weights while a step runs; nothing in it is an artifact
 
+# For messages that say which command to run first: the step that writes each artifact, and the
+# command of a step whose name is not its command.
+WRITERS = {BASELINE: "baseline", INSTRUCTIONS: "instructions", TEST: "instructions", INSTRUCTIONS_REPORT: "instructions",
+           SFT: "sft-data", SFT_QC: "sft-data", SFT_DIR: "sft", PAIRS: "pairs", NEGATIVES: "pairs",
+           DPO_DIR: "dpo", DPO_ONLY_DIR: "dpo_only"}
+STEP_COMMANDS = {"dpo": "dpo --init sft", "dpo_only": "dpo --init base"}
+EDIT_HINTS = {INSTRUCTIONS: "to train on instructions of your own, set instructions.train_file (docs/errors.md)",
+              TEST: "to test on items of your own, set instructions.test_file (docs/errors.md)"}
+
 
 def generator_provenance(p: dict[str, Any], config: PipelineConfig, decoding: Decoding,
                          model_fingerprint: str) -> GeneratorProvenance:

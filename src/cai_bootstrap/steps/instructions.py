@@ -18,7 +18,7 @@ from ..formats import RUNAWAY_MARKERS
 from ..generation.engine import Decoding
 from ..run import Run
 from ..evaluation.ifeval import is_input_file, load_test_items
-from ..schemas import InstructionRecord
+from ..schemas import ArtifactError, InstructionRecord
 from .common import INSTRUCTIONS, INSTRUCTIONS_REPORT, TEST
 from .generator import Generator
 
@@ -51,9 +51,12 @@ def self_instruct(config: PipelineConfig, seeds: list[InstructionRecord]) -> tup
     return new, dropped
 
 
-def _load_user(path: str | None) -> list[InstructionRecord]:
+def _load_user(path: str | None, key: str) -> list[InstructionRecord]:
     """InstructionRecord JSONL, or IFEval's input_data.jsonl (evaluation.ifeval.load_inputs)."""
-    return load_test_items(Path(path)) if path else []
+    records = load_test_items(Path(path)) if path else []
+    if path and not records:  # an empty file must not quietly mean "draw from the pool instead"
+        raise ArtifactError(Path(path), [f"{path}: no records (instructions.{key} is empty)"])
+    return records
 
 
 def run_instructions(run: Run, force: bool = False) -> bool:
@@ -66,8 +69,12 @@ def run_instructions(run: Run, force: bool = False) -> bool:
         console.print("instructions: up to date, skipped")
         return False
     with run.step("instructions", params, user_inputs, [INSTRUCTIONS, TEST, INSTRUCTIONS_REPORT]) as step:
-        user_train, user_test = _load_user(cfg.train_file), _load_user(cfg.test_file)
-        builtin = stratified_sample(builtin_pool(), cfg.builtin, config.seed, "builtin")
+        user_train, user_test = _load_user(cfg.train_file, "train_file"), _load_user(cfg.test_file, "test_file")
+        pool = builtin_pool()
+        if cfg.builtin is not None and cfg.builtin > len(pool):
+            console.print(f"[yellow]instructions.builtin is {cfg.builtin}, the built-in pool has {len(pool)}: "
+                          f"using all {len(pool)}[/]")
+        builtin = stratified_sample(pool, cfg.builtin, config.seed, "builtin")
         generated, si_dropped = self_instruct(config, builtin) if cfg.self_instruct_rounds else ([], Counter())
         # Order is priority for de-duplication: the user's items, then built-in, then self-instruct.
         candidates = [*user_train, *builtin, *generated]

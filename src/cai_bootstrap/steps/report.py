@@ -10,7 +10,7 @@ from ..evaluation import ifeval
 from ..evaluation.analysis import analyze, score_all, select_samples
 from ..evaluation.report import headline_table, write_report
 from ..files import atomic_write_json, write_jsonl
-from ..run import Run
+from ..run import Run, RunStateError
 from ..schemas import EvalResponse, InstructionRecord, load_jsonl
 from .common import BASELINE, REPORT_DIR, RESPONSES_DIR, RESULTS, SCORES, TEST
 from ..evaluation.judge import JudgeScore
@@ -55,6 +55,17 @@ def provenance(run: Run, evaluation: dict) -> dict:
         "isolation_verified": evaluation.get("isolation", {}).get("verified"),
         "prompt_format": evaluation.get("prompt_format"),
     }
+
+
+def report_inputs(run: Run) -> list[str]:
+    """What the report reads: the test set and the responses of the latest evaluation (else every saved one)."""
+    evaluated = run.steps().get("evaluate")
+    if evaluated is not None:
+        return [TEST, *evaluated.get("outputs", {})]
+    if not any(run.path(RESPONSES_DIR).glob("*.jsonl")):
+        raise RunStateError(f"no responses to report on in {run.path(RESPONSES_DIR)}: "
+                            f"run `{run.command('evaluate')}` first")
+    return [TEST, *(f"{RESPONSES_DIR}/{p.name}" for p in sorted(run.path(RESPONSES_DIR).glob("*.jsonl")))]
 
 
 def build_report(run: Run) -> dict:

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import DPOConfig
-from ..files import atomic_write_bytes, atomic_write_json, sha256_path, sha256_text
+from ..files import atomic_save_folder, atomic_write_bytes, atomic_write_json, sha256_path, sha256_text
 from ..schemas import PreferencePair
 
 Init = Literal["sft", "base"]
@@ -780,7 +780,8 @@ def train_dpo(
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         with _quiet():
-            accelerator.unwrap_model(trainer.model).save_pretrained(out_dir, state_dict=state_dict)
+            atomic_save_folder(out_dir, lambda tmp: accelerator.unwrap_model(trainer.model).save_pretrained(
+                tmp, state_dict=state_dict))  # each file whole, old or new, if the process is killed
     del state_dict
     record = {
         "init": init,

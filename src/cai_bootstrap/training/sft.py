@@ -68,7 +68,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..console import console
-from ..files import atomic_write_json, sha256_text
+from ..files import atomic_save_folder, atomic_write_json, sha256_text
 from ..models.loading import default_device, fingerprint, load_model, load_tokenizer, resolve
 from ..models.precision import resolve_mixed_precision
 from .masking import IGNORE_INDEX, Encoded, MaskingError, PackedCollator, ResponseOnlyCollator, encode_dataset
@@ -322,17 +322,6 @@ def _register_adapter_hooks(accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _save_adapter(model, out_dir: Path, state_dict: dict | None = None) -> None:
-    """save_pretrained into a temporary folder, then move each file into out_dir (each move atomic).
-    ``state_dict``: the full one from ``accelerator.get_state_dict`` (ZeRO-3/FSDP: gathered)."""
-    tmp = out_dir / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    for p in sorted(tmp.iterdir()):
-        os.replace(p, out_dir / p.name)
-    tmp.rmdir()
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,7 +600,9 @@ def train_sft(
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3/FSDP: every process calls it
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _save_adapter(accelerator.unwrap_model(model), out_dir, state_dict)
+        # state_dict: the full one (ZeRO-3/FSDP: gathered); each file whole, old or new, if killed while saving
+        atomic_save_folder(out_dir, lambda tmp: accelerator.unwrap_model(model).save_pretrained(
+            tmp, state_dict=state_dict))
         atomic_write_json(out_dir / METRICS_FILE, metrics)
     del state_dict
     accelerator.wait_for_everyone()
