@@ -103,7 +103,7 @@ class RunLock:
                            f"whether that command still runs; if it does not, delete {self.path} and try again")
         if left:
             console.print(f"note: {self.path.parent} was held by {describe(left)}, which ended without "
-                          f"releasing it; its running steps count as interrupted")
+                          f"releasing it; its running steps count as interrupted", highlight=False, soft_wrap=True)
         record = {"pid": os.getpid(), "host": here, "command": self.command,
                   "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)

@@ -321,7 +321,7 @@ class Run:
         for rel, (old, new) in edited.items():
             entry["outputs"][rel] = new
             entry.setdefault("edited", {})[rel] = {"written": old, "kept": new, "at": now()}
-            console.print(f"{name}: keeping your edited {rel} (--keep-edits)")
+            console.print(f"{name}: keeping your edited {rel} (--keep-edits)", highlight=False, soft_wrap=True)
         self._save()
 
     def _input_hashes(self, inputs: list[str]) -> dict[str, str]:
@@ -367,7 +367,7 @@ class Run:
                 removed.append(p)
         if removed:
             console.print(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
-                          + ", ".join(str(p.relative_to(self.dir)) for p in removed))
+                          + ", ".join(str(p.relative_to(self.dir)) for p in removed), highlight=False, soft_wrap=True)
         return removed
 
     def _snapshot(self, outputs: list[str]) -> dict[str, Any]:
