@@ -282,3 +282,24 @@ def test_read_only_run_dir(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert f"--run-dir {run_dir} is not writable" in error_line(proc.stderr)
     assert tree(run_dir) == before
+
+
+def test_stop_strings_are_taken_as_given(tmp_path, tiny_model_folder):
+    """`--stop é` used to become 'Ã©' (unicode_escape on UTF-8 bytes) and never match."""
+    out = tmp_path / "o.jsonl"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_model_folder), "--prompts", _prompts(tmp_path),
+                                 "--out", str(out), "--max-new-tokens", "2", "--stop", "é", "--stop", "\\nEND",
+                                 "--stop", "a\\\\n"])
+    assert result.exit_code == 0, result.output
+    provenance = json.loads(Path(f"{out}.provenance.json").read_text())
+    assert provenance["decoding"]["stop_strings"] == ["é", "\nEND", "a\\n"]
+
+
+def test_more_builtin_instructions_than_the_pool_is_said(tmp_path, monkeypatch):
+    from cai_bootstrap.steps import instructions as step
+
+    monkeypatch.setattr(step, "builtin_pool", lambda: items(30))
+    cfg = _cfg(tmp_path, "instructions: {builtin: 500, test_size: 3}\n")
+    result = runner.invoke(app, ["instructions", cfg, "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "instructions.builtin is 500, the built-in pool has 30: using all 30" in result.output
