@@ -1,14 +1,10 @@
-"""Generation steps under `accelerate launch` (2 CPU processes == 1 process, byte for byte), and the
-vLLM backend: its clear error when vLLM is missing, and its records against the HF engine's (with a
-stand-in `vllm` module that serves vLLM-shaped outputs from the same weights).
-"""
+"""Generation steps under `accelerate launch` (2 CPU processes == 1 process, byte for byte). The vLLM
+backend has its own tests (test_vllm_backend.py, test_vllm_cpu.py)."""
 
 from __future__ import annotations
 
 import json
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -16,12 +12,9 @@ from typer.testing import CliRunner
 
 from cai_bootstrap.cli import app
 from cai_bootstrap.config import load_config
-from cai_bootstrap.formats import prompt_for
 from cai_bootstrap.generation.engine import Decoding
-from cai_bootstrap.generation.vllm_backend import BackendUnavailable
 from cai_bootstrap.run import Run
 from cai_bootstrap.steps import sft_data as sft_data_step
-from cai_bootstrap.steps.generator import Generator
 from cai_bootstrap.steps.instructions import run_instructions
 
 CPU_2PROC = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
@@ -126,104 +119,6 @@ def test_run_hands_the_accelerate_config_to_the_generation_steps():
     for name, fn in pipeline.STEPS:
         if name in pipeline.LAUNCHABLE:  # the real step functions take the keyword the pipeline passes
             inspect.signature(fn).bind(None, False, accelerate_config=CPU_2PROC)
-
-
-# ------------------------------------------------------------------------------------------------
-# vLLM backend
-
-
-def test_vllm_backend_without_vllm_fails_at_step_start_in_one_line(tmp_path, tiny_model_folder, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed, whatever this machine has
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"model: {{base: {tiny_model_folder}}}\ngeneration: {{backend: vllm}}\n")
-    r = CliRunner().invoke(app, ["baseline", str(cfg), "--run-dir", str(tmp_path / "run")])
-    assert r.exit_code == 1
-    message = r.output.strip()
-    assert "vllm is not installed" in message and "pip install '.[vllm]'" in message
-    assert len(message.splitlines()) == 1 and "Traceback" not in message
-
-    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # installed, but 8-bit weights asked for
-    config = load_config(None, [f"model.base={tiny_model_folder}", "generation.backend=vllm", "model.generation_quantization=8bit"])
-    with pytest.raises(BackendUnavailable, match="model.generation_quantization none"):
-        Generator(config)
-
-
-def fake_vllm(calls: dict) -> types.ModuleType:
-    """A stand-in for the `vllm` package: LLM serves HF greedy generation of the folder it is given,
-    with vLLM's output shape and stopping (token ids up to and including the EOS or the token that
-    completes a stop string)."""
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.__dict__.update(kwargs)
-            calls.setdefault("params", []).append(kwargs)
-
-    class LLM:
-        def __init__(self, model, **kwargs):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            calls["llm"] = {"model": model, **kwargs}
-            self.model = AutoModelForCausalLM.from_pretrained(model)
-            self.tokenizer = AutoTokenizer.from_pretrained(kwargs["tokenizer"])
-
-        def generate(self, prompts, sampling_params, use_tqdm):
-            import torch
-
-            outs = []
-            for prompt, p in zip(prompts, sampling_params, strict=True):
-                assert p.temperature == 0  # greedy only in this stand-in
-                ids = torch.tensor([prompt["prompt_token_ids"]])
-                with torch.inference_mode():
-                    gen = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_tokens,
-                                              do_sample=False, eos_token_id=p.stop_token_ids,
-                                              pad_token_id=p.stop_token_ids[0])[0, ids.shape[1]:].tolist()
-                for n in range(1, len(gen) + 1):
-                    if any(s in self.tokenizer.decode(gen[:n]) for s in p.stop):
-                        gen = gen[:n]
-                        break
-                completion = types.SimpleNamespace(token_ids=gen, text=self.tokenizer.decode(gen))
-                outs.append(types.SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[completion]))
-            return outs
-
-    module = types.ModuleType("vllm")
-    module.LLM, module.SamplingParams = LLM, SamplingParams
-    return module
-
-
-def test_vllm_engine_gives_the_hf_engine_records(tmp_path, varied_model_folder, monkeypatch):
-    """Same weights (base + a merged adapter), same greedy decoding: the vLLM path's Generations,
-    fingerprint and provenance equal the HF engine's, stop strings and lengths included."""
-    calls: dict = {}
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(calls))
-    adapter = make_adapter(varied_model_folder, tmp_path / "adapter")
-    prompts = [prompt_for(i) for i in ("Name a colour.", "Why is the sky blue?", "Say hi.", "Count to five.")]
-    hf_cfg = load_config(None, [f"model.base={varied_model_folder}", "generation.batch_size=1"])
-    vllm_cfg = load_config(None, [f"model.base={varied_model_folder}", "generation.backend=vllm",
-                                  "generation.tensor_parallel_size=2"])
-
-    with Generator(hf_cfg, adapters=[adapter]) as hf:
-        free_run = hf.generate(prompts, Decoding(max_new_tokens=10, stop_strings=()))
-        # a stop string the model does write (inside prompt 0's output), so the stop path is exercised
-        stops = (free_run[0].raw_text[4:7],)
-        decoding = Decoding(max_new_tokens=10, stop_strings=stops)
-        expected = hf.generate(prompts, decoding)
-        hf_facts = (hf.fingerprint, hf.provenance)
-        eos = hf.tokenizer.eos_token_id
-    with Generator(vllm_cfg, adapters=[adapter], work_dir=tmp_path / "work") as gen:
-        got = gen.generate(prompts, decoding)
-        assert (gen.fingerprint, gen.provenance) == hf_facts
-        assert gen.stats.prompts == 4 and gen.stats.completion_tokens == sum(g.completion_tokens for g in got)
-        merged = Path(calls["llm"]["model"])
-        assert merged.parent == tmp_path / "work" and merged.is_dir()
-    assert not merged.exists()  # the merged weights are removed on close
-
-    assert got == expected
-    assert got[0].finish_reason == "stop" and got[0].stop_string == stops[0]
-    assert {g.finish_reason for g in got} >= {"stop", "length"}
-    assert calls["llm"]["tensor_parallel_size"] == 2
-    assert calls["params"][0] == {"max_tokens": 10, "temperature": 0.0, "top_p": 1.0, "seed": None,
-                                  "stop": list(stops), "include_stop_str_in_output": True, "stop_token_ids": [eos],
-                                  "skip_special_tokens": False}
 
 
 @pytest.mark.distributed

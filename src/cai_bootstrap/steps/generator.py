@@ -6,9 +6,10 @@
   model and generates a shard (:mod:`cai_bootstrap.generation.launched`); this process holds no model
   meanwhile. Greedy results are byte-identical to one process (sampled ones are a deterministic
   but different draw per process count: see generation/distributed.py);
-* ``generation.backend: vllm``: vLLM in this process, tensor parallel over
-  ``generation.tensor_parallel_size`` GPUs, on the adapter chain merged into one folder. vLLM
-  parallelises itself, so it ignores the accelerate config.
+* ``generation.backend: vllm``: one vLLM engine (its own processes, tensor parallel over
+  ``generation.tensor_parallel_size`` GPUs) on the base weights, the adapters served as one LoRA
+  request (a chain combined into one small adapter in ``work_dir``); closing the generator shuts the
+  engine down, so a step never holds two. vLLM parallelises itself, so it ignores the accelerate config.
 
 The step's logic, QC and manifest stay in this process in every case. Steps that also score with the
 model (the sft-data critic, the pair margins) ask for :meth:`Generator.scoring_model`: the generating
@@ -27,7 +28,9 @@ from ..config import PipelineConfig
 from ..console import generation_progress
 from ..generation.engine import Decoding, Engine, Generation, GenerationStats
 from ..generation.launched import Job, LaunchedEngine, LaunchModel
-from ..generation.vllm_backend import BackendUnavailable, VLLMEngine, require_vllm
+from ..generation.vllm_backend import BackendUnavailable, VLLMEngine, engine_args, require_vllm
+from ..models.adapter_chain import combine as combine_chain
+from ..models.adapter_chain import read_lora
 from ..models.loading import LoadedModel, fingerprint, free, load_model, load_tokenizer, resolve
 
 
@@ -44,7 +47,7 @@ class Generator:
     """One model (``spec`` + ``adapters``, loaded as ``config.model`` says) to generate with.
 
     ``load`` replaces how the weights are loaded in this process (tests inject one); ``work_dir`` holds
-    the launch requests and vLLM's merged weights while they are needed.
+    the launch requests and vLLM's combined adapter chain while they are needed.
     """
 
     def __init__(self, config: PipelineConfig, *, spec: str | None = None, adapters: Sequence[str | Path] = (),
@@ -63,11 +66,12 @@ class Generator:
         self.loaded: LoadedModel | None = None  # the HF model in this process, if any
         self.launched_gpu_peak_mb: float | None = None  # launched processes' busiest GPU (this one sees none)
         self._facts: dict[str, Any] | None = None  # provenance and fingerprint of the generating weights
-        self._merged: Path | None = None
+        self._combined: Path | None = None  # an adapter chain as one LoRA, for vLLM
         self.engine: Engine | LaunchedEngine | VLLMEngine
         if config.generation.backend == "vllm":
             self.engine = self._vllm_engine()
-            self.runtime = {"backend": "vllm", "tensor_parallel_size": config.generation.tensor_parallel_size}
+            self.runtime = {"backend": "vllm", "tensor_parallel_size": config.generation.tensor_parallel_size,
+                            "lora": self.engine.lora is not None}
         elif accelerate_config is not None:
             self.engine = LaunchedEngine(LaunchModel(self.spec, tuple(self.adapters), m.generation_quantization, m.dtype,
                                                      m.allow_full_precision_fallback, batch_size, m.add_bos_token),
@@ -80,19 +84,27 @@ class Generator:
             self.runtime = {"backend": "hf", "processes": 1}
 
     def _vllm_engine(self) -> VLLMEngine:
-        # The HF load gives the fingerprint (isolation checks compare it with HF-loaded base weights)
-        # and, with adapters, the merged chain that vLLM then serves.
+        # The HF load gives the fingerprint (isolation checks compare it with HF-loaded base weights):
+        # the weights the base plus the adapters stand for, which vLLM serves as base + LoRA.
         loaded = self._load()
         self._facts = {"provenance": loaded.provenance, "fingerprint": fingerprint(loaded.model)}
         folder, tokenizer = loaded.resolved.path, loaded.tokenizer
-        if self.adapters:
-            folder = self._merged = self.work_dir / f"vllm-merged-{self._facts['fingerprint']}"
-            loaded.model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
         free(loaded)
-        g = self.config.generation
-        return VLLMEngine.load(folder, tokenizer, tensor_parallel_size=g.tensor_parallel_size,
-                               dtype=self.config.model.dtype, add_bos=self.config.model.add_bos_token)
+        try:
+            adapter = None
+            if len(self.adapters) == 1:
+                adapter = read_lora(self.adapters[0])
+            elif self.adapters:
+                self._combined = self.work_dir / f"vllm-lora-{self._facts['fingerprint']}"
+                adapter = combine_chain(self.adapters, self._combined)
+            g, m = self.config.generation, self.config.model
+            args = engine_args(g.vllm, dtype=m.dtype, tensor_parallel_size=g.tensor_parallel_size,
+                               seed=self.config.seed, lora_rank=adapter.rank if adapter else None)
+            return VLLMEngine.load(folder, tokenizer, args, add_bos=m.add_bos_token,
+                                   adapter=adapter.folder if adapter else None)
+        except BaseException:
+            self._remove_combined()  # __init__ fails, so close() will not run
+            raise
 
     def generate(self, prompts: Sequence[str], decoding: Decoding, label: str = "generate") -> list[Generation]:
         return self.generate_many([(prompts, decoding)], label)[0]
@@ -150,8 +162,11 @@ class Generator:
             self.engine.close()
         free(self.loaded)
         self.loaded = None
-        if self._merged is not None:
-            shutil.rmtree(self._merged, ignore_errors=True)
+        self._remove_combined()
+
+    def _remove_combined(self) -> None:
+        if self._combined is not None:
+            shutil.rmtree(self._combined, ignore_errors=True)
 
     def __enter__(self) -> Generator:
         return self
