@@ -108,12 +108,9 @@ def models_prepare(
     force: Annotated[bool, typer.Option(help="Convert again even if cached.")] = False,
 ) -> None:
     """Convert an embedded GGUF once into a cached safetensors folder ($CAI_BOOTSTRAP_CACHE)."""
-    from .models.embedded import ModelNotAvailable, prepare
+    from .models.embedded import prepare
 
-    try:
-        folder, converted = prepare(name, force=force)
-    except ModelNotAvailable as e:
-        fail(str(e))
+    folder, converted = prepare(name, force=force)  # ModelNotAvailable: one line, from the guard
     console.print(("converted" if converted else "already prepared") + f": {folder}")
     print(folder)
 
