@@ -136,6 +136,18 @@ def test_failed_step_is_recorded_and_not_current(tmp_path):
     assert not run.is_current("make", "p", ["in.txt"])
 
 
+def test_ctrl_c_is_recorded_as_interrupted(tmp_path):
+    run = Run(tmp_path, load_config(None))
+    run.path("in.txt").write_text("abc")
+    with pytest.raises(KeyboardInterrupt):
+        with run.step("make", "p", ["in.txt"], ["out.txt"]):
+            raise KeyboardInterrupt
+    assert run.state("make") == "interrupted"
+    with pytest.raises(RunStateError, match=r"step make, which was interrupted \(Ctrl-C, at "):
+        with run.step("read", "p", ["out.txt"], []):
+            pass
+
+
 def test_missing_input_and_missing_output_fail_clearly(tmp_path):
     run = Run(tmp_path, load_config(None))
     with pytest.raises(RunStateError, match="missing input"):

@@ -80,6 +80,24 @@ def test_a_second_command_on_a_run_is_refused_naming_the_first(tmp_path):
     assert not (run_dir / ".lock").exists()
 
 
+def test_a_lock_held_before_its_record_is_written_is_still_a_lock(tmp_path):
+    cfg, run_dir = instructions_config(tmp_path), tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(600)", str(run_dir / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = runner.invoke(app, ["instructions", str(cfg), "--run-dir", str(run_dir)])
+        assert result.exit_code == 1
+        assert "is in use by another command (starting or ending just now)" in error_line(result.output)
+        assert tree(run_dir) == {".lock": sha256_file(run_dir / ".lock")}
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_lock_left_on_another_machine_is_reported_with_how_to_clear_it(tmp_path):
     cfg, run_dir = instructions_config(tmp_path), tmp_path / "run"
     run_dir.mkdir()

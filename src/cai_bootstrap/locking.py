@@ -84,10 +84,15 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read(fd) or {}
+                holder = _read(fd)
                 os.close(fd)
-                raise RunInUse(f"{self.path.parent} is in use by {describe(holder)}: one command at a time works "
-                               f"on a run directory; wait for it to finish") from None
+                who = describe(holder) if holder else "another command (starting or ending just now)"
+                raise RunInUse(f"{self.path.parent} is in use by {who}: one command at a time works on a run "
+                               f"directory; wait for it to finish") from None
+            except OSError as e:  # a file system without locks: go on, but say what is not guarded
+                console.print(f"[yellow]note: cannot lock {self.path} ({e.strerror}); make sure no other command "
+                              f"works on this run directory meanwhile[/]", highlight=False, soft_wrap=True)
+                break
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -252,6 +252,8 @@ class Run:
         if state == "failed":
             return f"failed ({str(entry.get('error', '')).splitlines()[0][:300]})"
         who = f"pid {entry.get('pid')} on {entry.get('host')}" if entry.get("pid") else "its process"
+        if state == "interrupted" and entry["status"] == "interrupted":
+            return f"was interrupted (Ctrl-C, at {entry.get('ended')})"
         if state == "interrupted":
             return f"was interrupted (started {entry.get('started')}; {who} is gone)"
         return f"is still running ({who}, started {entry.get('started')})"
@@ -431,7 +433,7 @@ class Run:
     def _record_failure(self, name: str, e: BaseException, started: str, t0: float, params_hash: str,
                         writes: dict) -> None:
         self.manifest["steps"][name] = {
-            "status": "failed", "started": started, "ended": now(),
+            "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", "started": started, "ended": now(),
             "duration_s": round(time.perf_counter() - t0, 2), "params_hash": params_hash, "outputs": writes,
             "error": f"{type(e).__name__}: {e}"[:2000],
             "traceback": traceback.format_exc(limit=6)[-4000:],
