@@ -374,3 +374,16 @@ def test_headline_table_marks_best_model(results):
     assert cells[4].startswith("**100% [") and cells[5].startswith("**100% [")  # dpo, dpo_only tied best
     same = next(line for line in table.splitlines() if line.startswith("| proper_structure "))
     assert "**" not in same  # every model equal: nobody is "best"
+
+
+def test_report_plots_training_curves_from_training_json_histories(tmp_path, results):
+    sft = {"history": [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "tokens_per_s": 150.0} for s in (1, 2, 3)],
+           "eval_history": [{"step": 2, "eval_loss": 1.9}], "eval_loss": 1.2}
+    dpo = {"history": [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/accuracies": 0.5 + 0.1 * s,
+                        "rewards/margins": 0.2 * s} for s in (1, 2)]}
+    paths = R.write_report(results, out_dir=tmp_path, curves={"sft": sft, "dpo": dpo, "dpo_only": dpo})
+    assert paths["training_curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](training_curves.png)" in paths["markdown"].read_text(encoding="utf-8")
+    # no history recorded (e.g. a report rebuilt before any training): no empty figure
+    assert R.plot_training_curves({"sft": {"history": []}}) is None
+    assert "training_curves" not in R.write_report(results, out_dir=tmp_path / "none", curves={})

@@ -300,10 +300,40 @@ class EvaluationConfig(Section):
         return value
 
 
+class RoundsConfig(Section):
+    """Bootstrapping rounds (`cai-bootstrap experiment --rounds R`): in round r+1 a model of round r
+    writes the SFT data (the same few-shot prompts and QC) and samples the preference pairs; every
+    round trains from the base model, as STaR restarts from it each iteration."""
+
+    writer: Literal["sft", "dpo", "dpo_only"] = "dpo"
+    """The model of round r that writes round r+1's data."""
+    round: int = Field(1, ge=1)
+    """Set by `experiment`: this run's round."""
+    previous: str | None = None
+    """Set by `experiment`: round r's run directory (same seed) whose `writer` model writes this run's
+    data; None in round 1 (the base model writes the SFT data, this run's SFT model samples the pairs)."""
+
+    @model_validator(mode="after")
+    def _previous_iff_later_round(self) -> RoundsConfig:
+        if (self.round > 1) != (self.previous is not None):
+            raise ValueError("rounds.previous (the run directory of the round before) is set exactly when "
+                             "rounds.round > 1")
+        return self
+
+
 class PipelineConfig(Section):
     seed: int = Field(0, ge=0, lt=2**31)
-    """Below 2**31: numpy's legacy seeding (through transformers' set_seed) takes 32 bits, and
-    steps add small offsets (per epoch, per best-of-n round)."""
+    """Training seed: LoRA initialisation, data order, dropout, pair sampling, DPO. Below 2**31: numpy's
+    legacy seeding (through transformers' set_seed) takes 32 bits, and steps add small offsets (per
+    epoch, per best-of-n round)."""
+    data_seed: int | None = Field(None, ge=0, lt=2**31)
+    """Seed of the data steps (baseline, the instructions split and self-instruct, which items get SFT
+    data and how it is sampled); None: the same as seed. `experiment` keeps it fixed across training
+    seeds so that they share one split and one set of SFT data."""
+    tracking: Literal["none", "tensorboard", "trackio", "wandb"] = "none"
+    """Training curves (SFT and DPO) to TensorBoard event files in <run>/logs/, a local Trackio
+    database, or Weights & Biases (see docs/tracking.md); the report plots them either way."""
+    rounds: RoundsConfig = RoundsConfig()
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     baseline: BaselineConfig = BaselineConfig()
@@ -314,10 +344,24 @@ class PipelineConfig(Section):
     dpo: DPOConfig = DPOConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
+    @property
+    def data_seed_value(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
     def section_hash(self, *names: str) -> str:
-        """Hash of the sections a step depends on (plus seed and model), for skip decisions."""
+        """Hash of the sections a training step depends on (plus the seeds and model), for skip decisions."""
         dumped = self.model_dump(mode="json")
         part = {n: dumped[n] for n in ("seed", "model", *names)}
+        if self.data_seed is not None:  # (absent when unset, so that older runs keep their hashes)
+            part["data_seed"] = self.data_seed
+        return sha256_text(json.dumps(part, sort_keys=True))
+
+    def data_hash(self, *names: str) -> str:
+        """As :meth:`section_hash` for a data step: the data seed in place of the training seed, so
+        that runs with different training seeds share the step's artifacts."""
+        dumped = self.model_dump(mode="json")
+        part = {n: dumped[n] for n in ("model", *names)}
+        part["seed"] = self.data_seed_value
         return sha256_text(json.dumps(part, sort_keys=True))
 
     def hash(self) -> str:

@@ -313,6 +313,55 @@ def plot_deltas(results: Mapping[str, Any], reference: str) -> bytes | None:
     return _png(fig)
 
 
+# The panels of the training-curves figure: (training, history key, title); SFT's eval loss is drawn
+# over its training loss. The same quantities TensorBoard shows (training/tracking.py).
+SFT_PANELS = (("loss", "SFT loss (token mean; ○ eval)"), ("lr", "SFT learning rate"),
+              ("tokens_per_s", "SFT tokens/s"))
+DPO_PANELS = (("loss", "DPO loss"), ("rewards/accuracies", "DPO reward accuracy"),
+              ("rewards/margins", "DPO reward margin"))
+
+
+def plot_training_curves(curves: Mapping[str, Mapping[str, Any]]) -> bytes | None:
+    """Learning curves from each training's training.json: SFT loss (with its eval loss), learning rate
+    and throughput; DPO loss, reward accuracy and reward margin of each DPO run, side by side. None when
+    no training recorded a history. ``curves``: {"sft": training.json, "dpo": ..., "dpo_only": ...}."""
+    rows = []
+    if curves.get("sft", {}).get("history"):
+        rows.append([("sft", key, title) for key, title in SFT_PANELS])
+    dpo_runs = [m for m in curves if m != "sft" and curves[m].get("history")]
+    if dpo_runs:
+        rows.append([(None, key, title) for key, title in DPO_PANELS])
+    if not rows:
+        return None
+    colours = model_colours(list(curves))
+    fig = Figure(figsize=(11, 2.9 * len(rows)))
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    for r, panels in enumerate(rows):
+        for c, (training, key, title) in enumerate(panels):
+            ax = axes[r][c]
+            for name in ([training] if training else dpo_runs):
+                points = [(h["step"], h[key]) for h in curves[name]["history"] if h.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), color=colours[name], linewidth=1.6, marker=".", label=name)
+            if training == "sft" and key == "loss":
+                evals = [(e["step"], e["eval_loss"]) for e in curves["sft"].get("eval_history", [])
+                         if e.get("eval_loss") is not None]
+                if curves["sft"].get("eval_loss") is not None:
+                    last = curves["sft"]["history"][-1]["step"]
+                    evals.append((last, curves["sft"]["eval_loss"]))
+                if evals:
+                    ax.plot(*zip(*evals), color=colours["sft"], linestyle="none", marker="o", markersize=6,
+                            markerfacecolor="white", label="eval")
+            ax.set_title(title, fontsize=10, loc="left")
+            ax.set_xlabel("optimizer step", fontsize=9)
+            ax.grid(color="#e3e3e3")
+            _style(ax)
+            if training is None and c == 0:
+                ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -807,7 +856,7 @@ def render_html(sections: Sequence[Section], title: str, subtitle: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def make_images(results: Mapping[str, Any]) -> list[Image]:
+def make_images(results: Mapping[str, Any], curves: Mapping[str, Mapping[str, Any]] | None = None) -> list[Image]:
     images = [
         Image("pass_rates.png", "Pass rate per criterion and model, with 95% Wilson intervals.",
               plot_pass_rates(results)),
@@ -821,6 +870,12 @@ def make_images(results: Mapping[str, Any]) -> list[Image]:
         images.append(Image("deltas.png", f"Difference in pass rate vs {reference}, paired bootstrap "
                             "95% intervals; filled markers are significant after Benjamini-Hochberg.",
                             deltas))
+    training = plot_training_curves(curves or {})
+    if training is not None:
+        images.append(Image("training_curves.png", "Training curves from each training's training.json: SFT "
+                            "loss per logging window (eval loss: open circles), learning rate and tokens/s; "
+                            "each DPO run's loss, reward accuracy and reward margin (TRL's logged values).",
+                            training))
     return images
 
 
@@ -832,12 +887,14 @@ def write_report(
     baseline: dict | None = None,
     summaries: dict | None = None,
     provenance: dict | None = None,
+    curves: dict | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html and the PNG plots into out_dir; return them by name
-    ("markdown", "html", and each plot's stem: "pass_rates", "categories", "deltas")."""
+    ("markdown", "html", and each plot's stem: "pass_rates", "categories", "deltas",
+    "training_curves" when ``curves`` holds a training history)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = make_images(results)
+    images = make_images(results, curves)
     sections = build_sections(results, images, samples, baseline, summaries, provenance)
     title = "cai-bootstrap evaluation report"
     subtitle = (f"{results['n_items']} held-out items · models: {', '.join(results['models'])} · "

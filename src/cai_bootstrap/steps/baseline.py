@@ -61,7 +61,7 @@ def template_sentinels(tokenizer, prompts: list[str], add_bos: bool) -> dict[str
 
 def run_baseline(run: Run, force: bool = False) -> bool:
     config = run.config
-    params = config.section_hash("baseline")
+    params = config.data_hash("baseline")
     if not force and run.is_current("baseline", params, []):
         console.print("baseline: up to date, skipped")
         return False

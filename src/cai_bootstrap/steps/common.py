@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from ..config import PipelineConfig
@@ -31,6 +32,26 @@ RESULTS = "eval/results.json"
 SCORES = "eval/scores.jsonl"
 REPORT_DIR = "report"
 TMP = "tmp"  # launch requests and merged weights while a step runs; nothing in it is an artifact
+LOGS = "logs"  # training curves (tracking: tensorboard, wandb), one folder per training step
+# Each model of a run: the adapters applied, in order, to the base weights.
+MODEL_CHAINS: dict[str, list[str]] = {"base": [], "sft": [SFT_DIR], "dpo": [SFT_DIR, DPO_DIR],
+                                      "dpo_only": [DPO_ONLY_DIR]}
+
+
+def tracking_name(run_dir: Path, step: str) -> str:
+    """A training's name in a tracker: the run folder's last two parts and the step
+    (round-2/seed-1/dpo in an experiment)."""
+    resolved = Path(run_dir).resolve()
+    return f"{resolved.parent.name}/{resolved.name}/{step}"
+
+
+def writer_adapters(config: PipelineConfig) -> list[str]:
+    """The adapters (paths relative to this run's directory, or absolute) of the model that writes this
+    run's SFT data and samples its pairs: none in round 1, round r's ``rounds.writer`` model after."""
+    r = config.rounds
+    if r.previous is None:
+        return []
+    return [str(Path(r.previous) / a) for a in MODEL_CHAINS[r.writer]]
 
 # For messages that say which command to run first: the step that writes each artifact, and the
 # command of a step whose name is not its command.

@@ -16,7 +16,7 @@ from ..console import console
 from ..run import Run
 from ..schemas import PreferencePair, load_jsonl
 from ..training.dpo import TRAINING_JSON, check_parity, train_dpo
-from .common import DPO_DIR, DPO_ONLY_DIR, PAIRS, SFT_DIR
+from .common import DPO_DIR, DPO_ONLY_DIR, LOGS, PAIRS, SFT_DIR, tracking_name
 from .worker import launch
 
 STEP_NAMES = {"sft": "dpo", "base": "dpo_only"}
@@ -44,7 +44,8 @@ def train_dpo_here(run: Run, init: str) -> None:
               seed=config.seed, sft_adapter=run.path(SFT_DIR) if init == "sft" else None,
               quantization=m.train_quantization, dtype=m.dtype, add_bos=m.add_bos_token, cache_dir=run.path(REF_CACHE),
               reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"),
-              reference_processes=reference.get("num_processes"))
+              reference_processes=reference.get("num_processes"), tracking=config.tracking,
+              log_dir=run.path(f"{LOGS}/{STEP_NAMES[init]}"), run_name=tracking_name(run.dir, STEP_NAMES[init]))
 
 
 def run_dpo(run: Run, init: str, force: bool = False, accelerate_config: Path | None = None) -> bool:
@@ -64,7 +65,8 @@ def run_dpo(run: Run, init: str, force: bool = False, accelerate_config: Path | 
         else:
             # fail here, with the differences, rather than in every launched process
             check_parity(config.dpo, out_dir=run.path(out), seed=config.seed,
-                         reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"))
+                         reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"),
+                         tracking=config.tracking, run_name=tracking_name(run.dir, name))
             launch(f"dpo-{init}", run.dir, accelerate_config)
             step.provenance["launcher"] = {"accelerate_config": str(accelerate_config)}
         record = json.loads(run.path(f"{out}/{TRAINING_JSON}").read_text(encoding="utf-8"))

@@ -21,13 +21,13 @@ from ..generation.engine import Decoding
 from ..models.loading import LoadedModel, fingerprint, free, load_model
 from ..run import Run
 from ..schemas import EvalResponse, InstructionRecord, load_jsonl
-from .common import DPO_DIR, DPO_ONLY_DIR, RESPONSES_DIR, SFT_DIR, TEST, TMP
+from .common import MODEL_CHAINS as CHAINS
+from .common import RESPONSES_DIR, TEST, TMP
 from .generator import Generator, check_backend
 
 EVALUATION = "eval/evaluation.json"
 JUDGE = "eval/judge.jsonl"
 PROMPT_FORMAT = "Instruction: {instruction}\\nResponse:"
-CHAINS = {"base": [], "sft": [SFT_DIR], "dpo": [SFT_DIR, DPO_DIR], "dpo_only": [DPO_ONLY_DIR]}
 
 
 class IsolationError(RuntimeError):

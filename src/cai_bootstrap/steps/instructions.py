@@ -29,14 +29,14 @@ def self_instruct(config: PipelineConfig, seeds: list[InstructionRecord]) -> tup
     dropped: Counter = Counter()
     if cfg.self_instruct_rounds == 0:
         return [], dropped
-    rng = random.Random(f"self-instruct:{config.seed}")
+    rng = random.Random(f"self-instruct:{config.data_seed_value}")
     prompts, starts = [], []
     for _ in range(cfg.self_instruct_rounds):
         prompt, start = build_prompt(seeds, rng)
         prompts.append(prompt)
         starts.append(start)
     decoding = Decoding(max_new_tokens=cfg.self_instruct_max_new_tokens, temperature=cfg.self_instruct_temperature,
-                        top_p=0.95, seed=config.seed, stop_strings=("\n\n", *RUNAWAY_MARKERS))
+                        top_p=0.95, seed=config.data_seed_value, stop_strings=("\n\n", *RUNAWAY_MARKERS))
     with Generator(config) as gen:
         outs = gen.generate(prompts, decoding, label="self-instruct")
     new: list[InstructionRecord] = []
@@ -64,7 +64,7 @@ def run_instructions(run: Run, force: bool = False) -> bool:
     cfg = config.instructions
     # The user's files are inputs like any other: their hashes decide whether the step re-runs.
     user_inputs = [str(Path(p).resolve()) for p in (cfg.train_file, cfg.test_file) if p]
-    params = config.section_hash("instructions")
+    params = config.data_hash("instructions")
     if not force and run.is_current("instructions", params, user_inputs):
         console.print("instructions: up to date, skipped")
         return False
@@ -74,7 +74,7 @@ def run_instructions(run: Run, force: bool = False) -> bool:
         if cfg.builtin is not None and cfg.builtin > len(pool):
             console.print(f"[yellow]instructions.builtin is {cfg.builtin}, the built-in pool has {len(pool)}: "
                           f"using all {len(pool)}[/]")
-        builtin = stratified_sample(pool, cfg.builtin, config.seed, "builtin")
+        builtin = stratified_sample(pool, cfg.builtin, config.data_seed_value, "builtin")
         generated, si_dropped = self_instruct(config, builtin) if cfg.self_instruct_rounds else ([], Counter())
         # Order is priority for de-duplication: the user's items, then built-in, then self-instruct.
         candidates = [*user_train, *builtin, *generated]
@@ -88,7 +88,7 @@ def run_instructions(run: Run, force: bool = False) -> bool:
             test_dropped = test_dedup.counts
         else:
             size = int(cfg.test_size) if cfg.test_size >= 1 else cfg.test_size
-            train, test = split(dedup.kept, size, config.seed)
+            train, test = split(dedup.kept, size, config.data_seed_value)
             test_dropped = {}
         # Generated items (built-in, self-instruct) that resemble a test item are purged and counted;
         # the user's own training items are never dropped: if one leaks, the check below fails loudly.

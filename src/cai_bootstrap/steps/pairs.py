@@ -1,7 +1,8 @@
 """`pairs`: chosen = the SFT model's own cleaned response; rejected = five rule-built kinds + on-policy.
 
 The base model generates first (its raw completions are the on-policy negatives) and is freed, then
-the SFT model generates the chosen responses and scores every pair's margin.
+the policy generates the chosen responses and scores every pair's margin. The policy is this run's
+SFT model, or in a later bootstrapping round the previous round's writer model (``rounds``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..generation.engine import Decoding, Generation
 from ..run import Run
 from ..schemas import InstructionRecord, PreferencePair, SFTRecord, load_jsonl
 from ..training.logprobs import completion_logprobs
-from .common import INSTRUCTIONS, NEGATIVES, PAIRS, SFT, SFT_DIR, TMP
+from .common import INSTRUCTIONS, NEGATIVES, PAIRS, SFT, SFT_DIR, TMP, writer_adapters
 from .generator import Generator
 
 PAIRS_REPORT = "data/pairs_report.json"
@@ -53,20 +54,22 @@ def run_pairs(run: Run, force: bool = False, accelerate_config: Path | None = No
     """accelerate_config: generate under `accelerate launch` with this config (several processes/GPUs)."""
     config = run.config
     cfg = config.pairs
-    params = config.section_hash("pairs", "sft_data")
-    inputs = [INSTRUCTIONS, SFT, SFT_DIR]
+    # the policy: this run's SFT model, or in round r+1 round r's writer model
+    policy = writer_adapters(config) or [SFT_DIR]
+    params = config.section_hash("pairs", "sft_data") + (f":policy={','.join(policy)}" if policy != [SFT_DIR] else "")
+    inputs = [INSTRUCTIONS, SFT, *policy]
     if not force and run.is_current("pairs", params, inputs):
         console.print("pairs: up to date, skipped")
         return False
     with run.step("pairs", params, inputs, [PAIRS, NEGATIVES, PAIRS_REPORT]) as step:
         # The same training items the SFT data was drawn for.
         items = stratified_sample(load_jsonl(run.path(INSTRUCTIONS), InstructionRecord),
-                                  config.sft_data.max_instructions, config.seed, "sft-data")
+                                  config.sft_data.max_instructions, config.data_seed_value, "sft-data")
         sft_data = {r.id: r.response for r in load_jsonl(run.path(SFT), SFTRecord)}
         with Generator(config, accelerate_config=accelerate_config, work_dir=run.path(TMP)) as gen:
             base_gens = greedy_responses(gen, config, items, "pairs: base")
         base_raw = {it.id: g.raw_text for it, g in zip(items, base_gens)}
-        with Generator(config, adapters=[run.path(SFT_DIR)], accelerate_config=accelerate_config,
+        with Generator(config, adapters=[run.path(a) for a in policy], accelerate_config=accelerate_config,
                        work_dir=run.path(TMP)) as gen:
             sft_gens = greedy_responses(gen, config, items, "pairs: sft")
             chosen: dict[str, tuple[str, str]] = {}
@@ -83,6 +86,7 @@ def run_pairs(run: Run, force: bool = False, accelerate_config: Path | None = No
             built = build_pairs(items, chosen, base_raw, cfg.negative_weights, cfg.on_policy_share, config.seed)
             pairs, negatives, dropped = built
             pairs = with_margins(config, gen.scoring_model(), pairs)
+            policy_fingerprint = gen.fingerprint
         write_jsonl(run.path(PAIRS), pairs)
         write_jsonl(run.path(NEGATIVES), negatives)
         sft_wrote_end = sum(1 for g in sft_gens if g.stop_string == "\nEND")
@@ -99,6 +103,7 @@ def run_pairs(run: Run, force: bool = False, accelerate_config: Path | None = No
         atomic_write_json(run.path(PAIRS_REPORT), report)
         step.kept = len(pairs)
         step.provenance["generation"] = gen.runtime
+        step.provenance["policy"] = {"adapters": policy, "fingerprint": policy_fingerprint}
         step.dropped.update(report["dropped"])
         step.metrics.update({k: report[k] for k in ("mix", "chosen_source", "confident", "mean_margin",
                                                     "sft_model_wrote_end", "base_model_wrote_end")})

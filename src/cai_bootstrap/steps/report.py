@@ -12,7 +12,7 @@ from ..evaluation.report import headline_table, write_report
 from ..files import atomic_write_json, write_jsonl
 from ..run import Run, RunStateError
 from ..schemas import EvalResponse, InstructionRecord, load_jsonl
-from .common import BASELINE, REPORT_DIR, RESPONSES_DIR, RESULTS, SCORES, TEST
+from .common import BASELINE, DPO_DIR, DPO_ONLY_DIR, REPORT_DIR, RESPONSES_DIR, RESULTS, SCORES, SFT_DIR, TEST
 from ..evaluation.judge import JudgeScore
 from .evaluate import EVALUATION, JUDGE
 
@@ -68,6 +68,16 @@ def report_inputs(run: Run) -> list[str]:
     return [TEST, *(f"{RESPONSES_DIR}/{p.name}" for p in sorted(run.path(RESPONSES_DIR).glob("*.jsonl")))]
 
 
+def training_curves(run: Run) -> dict[str, dict]:
+    """Each finished training's training.json (its history is what the curves plot), by model."""
+    out = {}
+    for name, folder in (("sft", SFT_DIR), ("dpo", DPO_DIR), ("dpo_only", DPO_ONLY_DIR)):
+        path = run.path(f"{folder}/training.json")
+        if path.is_file():
+            out[name] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
 def build_report(run: Run) -> dict:
     """Score saved responses, compute statistics, write results.json and the report. No model is loaded."""
     evaluation = json.loads(run.path(EVALUATION).read_text()) if run.path(EVALUATION).exists() else {}
@@ -82,7 +92,8 @@ def build_report(run: Run) -> dict:
     atomic_write_json(run.path(RESULTS), results)
     baseline = json.loads(run.path(BASELINE).read_text()) if run.path(BASELINE).exists() else None
     paths = write_report(results, out_dir=run.path(REPORT_DIR), samples=select_samples(items, responses, n=N_SAMPLES, seed=run.config.seed),
-                         baseline=baseline, summaries=step_summaries(run), provenance=provenance(run, evaluation))
+                         baseline=baseline, summaries=step_summaries(run), provenance=provenance(run, evaluation),
+                         curves=training_curves(run))
     return {"results": results, "paths": paths}
 
 

@@ -9,7 +9,7 @@ from ..console import console
 from ..formats import prompt_for
 from ..run import Run
 from ..schemas import SFTRecord, load_jsonl
-from .common import SFT, SFT_DIR
+from .common import LOGS, SFT, SFT_DIR, tracking_name
 from .worker import check_accumulation, launch
 
 SUMMARY_KEYS = ("final_train_loss", "eval_loss", "supervised_tokens_per_s", "tokens_per_s", "wall_time_s",
@@ -26,7 +26,8 @@ def train_sft_here(run: Run, resume: bool) -> dict:
     examples = [{"id": r.id, "prompt": prompt_for(r.instruction), "response": r.response} for r in records]
     result = train_sft(m.base, examples, config.sft, out_dir=run.path(SFT_DIR), seed=config.seed,
                        quantization=m.train_quantization, allow_full_precision_fallback=m.allow_full_precision_fallback,
-                       dtype=m.dtype, add_bos=m.add_bos_token, resume=resume)
+                       dtype=m.dtype, add_bos=m.add_bos_token, resume=resume, tracking=config.tracking,
+                       log_dir=run.path(f"{LOGS}/sft"), run_name=tracking_name(run.dir, "sft"))
     return result.metrics
 
 

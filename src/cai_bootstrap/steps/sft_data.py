@@ -10,37 +10,47 @@ from ..console import console
 from ..data.critic import CRITIC_PROMPT_VERSION, best_of_n, calibration_margin, critic_margins
 from ..data.sampling import stratified_sample
 from ..data.sft_quality import qc_reason
-from ..files import atomic_write_json, write_jsonl
+from ..files import atomic_write_json, sha256_path, write_jsonl
 from ..formats import choose_shots, few_shot_prompt
 from ..generation.engine import Decoding
 from ..run import Run
 from ..schemas import InstructionRecord, SFTRecord, load_jsonl
-from .common import INSTRUCTIONS, SFT, SFT_QC, TMP, few_shot_pool, generator_provenance
+from .common import INSTRUCTIONS, SFT, SFT_QC, TMP, few_shot_pool, generator_provenance, writer_adapters
 from .generator import Generator
 
 
 def sft_prompts(config: PipelineConfig, items: list[InstructionRecord]) -> list[str]:
     """Few-shot prompts: k worked examples drawn by (seed, item id), never the item itself."""
     pool = few_shot_pool()
-    return [few_shot_prompt(it.instruction, choose_shots(pool, config.sft_data.few_shot, config.seed, it.id,
-                                                         exclude=it.instruction)) for it in items]
+    return [few_shot_prompt(it.instruction, choose_shots(pool, config.sft_data.few_shot, config.data_seed_value,
+                                                         it.id, exclude=it.instruction)) for it in items]
+
+
+def writer_record(run: Run, adapters: list[str], fingerprint: str) -> dict:
+    """Which model wrote a round's data: the round before's run, its model, weights and adapters."""
+    r = run.config.rounds
+    return {"round": r.round - 1, "run_dir": r.previous, "model": r.writer if adapters else "base",
+            "fingerprint": fingerprint, "adapters": {a: sha256_path(run.path(a)) for a in adapters}}
 
 
 def run_sft_data(run: Run, force: bool = False, accelerate_config: Path | None = None) -> bool:
     """accelerate_config: generate under `accelerate launch` with this config (several processes/GPUs)."""
     config = run.config
     cfg = config.sft_data
-    params = config.section_hash("sft_data")
-    if not force and run.is_current("sft-data", params, [INSTRUCTIONS]):
+    writer = writer_adapters(config)  # round r+1: round r's model writes (its adapters are inputs)
+    params = config.data_hash("sft_data") + (f":writer={','.join(writer)}" if writer else "")
+    inputs = [INSTRUCTIONS, *writer]
+    if not force and run.is_current("sft-data", params, inputs):
         console.print("sft-data: up to date, skipped")
         return False
-    with run.step("sft-data", params, [INSTRUCTIONS], [SFT, SFT_QC]) as step:
+    with run.step("sft-data", params, inputs, [SFT, SFT_QC]) as step:
         items = stratified_sample(load_jsonl(run.path(INSTRUCTIONS), InstructionRecord), cfg.max_instructions,
-                                  config.seed, "sft-data")
+                                  config.data_seed_value, "sft-data")
         prompts = sft_prompts(config, items)
-        with Generator(config, accelerate_config=accelerate_config, work_dir=run.path(TMP)) as gen:
+        with Generator(config, adapters=[run.path(a) for a in writer], accelerate_config=accelerate_config,
+                       work_dir=run.path(TMP)) as gen:
             decodings = [Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  seed=config.seed + n) for n in range(cfg.best_of_n)]
+                                  seed=config.data_seed_value + n) for n in range(cfg.best_of_n)]
             rounds = gen.generate_many([(prompts, d) for d in decodings], label="sft-data")
             # per item: (generation, decoding), one per round
             candidates = [[(gens[i], d) for gens, d in zip(rounds, decodings)] for i in range(len(items))]
@@ -92,6 +102,7 @@ def run_sft_data(run: Run, force: bool = False, accelerate_config: Path | None =
                 ))
             stats = gen.stats.as_dict()
             fallback = gen.provenance["full_precision_fallback"]
+            writer_info = writer_record(run, writer, gen.fingerprint)
         generated = sum(len(c) for c in candidates)
         dropped = Counter({k: v for k, v in dropped.items() if v})
         assert generated == len(kept) + sum(dropped.values()), "QC counts must add up"
@@ -101,11 +112,12 @@ def run_sft_data(run: Run, force: bool = False, accelerate_config: Path | None =
               "wrote_end": ended, "critic": {"enabled": cfg.critic.enabled, "min_margin": cfg.critic.min_margin,
                                                "prompt_version": CRITIC_PROMPT_VERSION,
                                                "calibration_margin": calibration},
-              "generation": stats, "full_precision_fallback": fallback}
+              "generation": stats, "full_precision_fallback": fallback, "writer": writer_info}
         atomic_write_json(run.path(SFT_QC), qc)
         step.kept = len(kept)
         step.dropped.update(dropped)
         step.metrics.update({"generated": generated, "wrote_end": ended, "tokens_per_s": stats["tokens_per_s"]})
         step.provenance["generation"] = gen.runtime
+        step.provenance["writer"] = writer_info
     console.print(f"sft-data: generated {generated}, kept {len(kept)}, dropped {dict(dropped)}")
     return True

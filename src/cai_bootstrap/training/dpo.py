@@ -71,6 +71,7 @@ from typing import Any, Literal
 from ..config import DPOConfig
 from ..files import atomic_save_folder, atomic_write_bytes, atomic_write_json, sha256_path, sha256_text
 from ..schemas import PreferencePair
+from . import tracking as tracking_mod
 
 Init = Literal["sft", "base"]
 
@@ -78,7 +79,8 @@ Init = Literal["sft", "base"]
 TRL_LOSS_TYPES: dict[str, str] = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
 
 # Keys that may differ between the two runs: where they write, and cosmetics.
-PARITY_EXEMPT: frozenset[str] = frozenset({"output_dir", "run_name", "logging_dir", "disable_tqdm"})
+PARITY_EXEMPT: frozenset[str] = frozenset({"output_dir", "run_name", "logging_dir", "disable_tqdm", "report_to",
+                                           "project", "trackio_static_space_id"})
 
 # Reasons a pair is dropped before training (keys of ``pairs_dropped`` in training.json).
 SPECIAL_TOKEN_TEXT = "special_token_text"
@@ -124,12 +126,13 @@ def mixed_precision(cfg: DPOConfig) -> tuple[str, str]:
     return resolve_mixed_precision(cfg.mixed_precision, default_device())
 
 
-def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int) -> dict[str, Any]:
+def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int, tracking: str = "none",
+                      run_name: str | None = None) -> dict[str, Any]:
     """The keyword arguments of TRL's ``DPOConfig`` for one run: the one place they are built.
 
-    Only ``output_dir`` depends on the run; the device decides ``use_cpu``, and with
-    ``cfg.mixed_precision`` ``bf16`` (autocast). JSON-serialisable, so ``training.json`` records
-    exactly what was used.
+    Only ``output_dir`` and ``run_name`` depend on the run; the device decides ``use_cpu``, and with
+    ``cfg.mixed_precision`` ``bf16`` (autocast); ``tracking`` is TRL's ``report_to`` (training curves,
+    :mod:`.tracking`). JSON-serialisable, so ``training.json`` records exactly what was used.
     """
     from ..models.loading import default_device
 
@@ -172,7 +175,10 @@ def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int) -> dict[str, 
         "logging_first_step": True,
         "save_strategy": "no",
         "eval_strategy": "no",
-        "report_to": "none",
+        "report_to": tracking,
+        "run_name": run_name,
+        # trackio: a local project, never a Space on the Hub
+        **({"project": tracking_mod.PROJECT, "trackio_static_space_id": False} if tracking == "trackio" else {}),
         "disable_tqdm": not sys.stderr.isatty(),
         "dataloader_num_workers": 0,
         "ddp_find_unused_parameters": False,  # every LoRA weight is used: spare DDP its extra graph traversal
@@ -225,10 +231,12 @@ def check_parity(
     reference_lora: dict[str, Any] | None,
     reference_processes: int | None = None,
     processes: int | None = None,
+    tracking: str = "none",
+    run_name: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """This run's (trainer arguments, LoRA arguments); :class:`ParityError` if they, or the process
     count (which multiplies the global batch), differ from the first run's."""
-    args = trainer_arguments(cfg, out_dir=out_dir, seed=seed)
+    args = trainer_arguments(cfg, out_dir=out_dir, seed=seed, tracking=tracking, run_name=run_name)
     lora = lora_arguments(cfg)
     diffs: list[str] = []
     if reference_args is not None:
@@ -726,6 +734,9 @@ def train_dpo(
     reference_args: dict[str, Any] | None = None,
     reference_lora: dict[str, Any] | None = None,
     reference_processes: int | None = None,
+    tracking: str = "none",
+    log_dir: str | Path | None = None,
+    run_name: str | None = None,
 ) -> DPOResult:
     """Train one DPO run; save the adapter and ``training.json`` in ``out_dir``.
 
@@ -733,6 +744,9 @@ def train_dpo(
     ``trainer_args`` / ``lora_args`` / ``num_processes``; any difference other than the output path
     raises :class:`ParityError` before anything is loaded. Under ``accelerate launch`` every process
     trains; only the main one writes (adapter, ``training.json``, reference cache).
+
+    ``tracking``: TRL reports the training curves there (``report_to``), TensorBoard's event files and
+    wandb's run files in ``log_dir`` (emptied first: a new run's curves replace the previous run's).
     """
     import peft
     import torch
@@ -742,16 +756,21 @@ def train_dpo(
     out_dir = Path(out_dir)
     args, lora = check_parity(cfg, out_dir=out_dir, seed=seed, reference_args=reference_args,
                               reference_lora=reference_lora, reference_processes=reference_processes,
-                              processes=launched_processes())
+                              processes=launched_processes(), tracking=tracking, run_name=run_name)
+    if tracking != "none" and log_dir is None:
+        raise ValueError(f"tracking: {tracking} needs a log_dir")
+    if tracking != "none" and int(os.environ.get("RANK", "0")) == 0:
+        tracking_mod.clear(Path(log_dir))
 
     started = time.perf_counter()
-    setup = build_trainer(
-        init, model_spec, pairs, cfg, out_dir=out_dir, seed=seed, sft_adapter=sft_adapter,
-        quantization=quantization, dtype=dtype, add_bos=add_bos, cache_dir=cache_dir, trainer_args=args,
-    )
-    trainer = setup.trainer
-    with _quiet():
-        output = trainer.train()
+    with tracking_mod.trainer_environment(tracking, log_dir=Path(log_dir or out_dir), run_name=run_name or init):
+        setup = build_trainer(
+            init, model_spec, pairs, cfg, out_dir=out_dir, seed=seed, sft_adapter=sft_adapter,
+            quantization=quantization, dtype=dtype, add_bos=add_bos, cache_dir=cache_dir, trainer_args=args,
+        )
+        trainer = setup.trainer
+        with _quiet():
+            output = trainer.train()
     wall = time.perf_counter() - started
 
     history = [

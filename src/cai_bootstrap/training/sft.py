@@ -72,6 +72,8 @@ from ..files import atomic_save_folder, atomic_write_json, sha256_text
 from ..models.loading import default_device, fingerprint, load_model, load_tokenizer, resolve
 from ..models.precision import resolve_mixed_precision
 from .masking import IGNORE_INDEX, Encoded, MaskingError, PackedCollator, ResponseOnlyCollator, encode_dataset
+from .tracking import EVAL_LOSS, open_tracker, require, sft_scalars
+from .tracking import clear as clear_logs
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -386,6 +388,9 @@ def train_sft(
     add_bos: bool = False,
     resume: bool = False,
     progress: bool = True,
+    tracking: str = "none",
+    log_dir: Path | None = None,
+    run_name: str = "sft",
 ) -> SFTResult:
     """Train a LoRA adapter on (prompt, response) examples; save it and ``training.json`` to out_dir.
 
@@ -397,6 +402,9 @@ def train_sft(
     loss at each checkpoint), final_train_loss (the last history entry's loss), eval_loss (at the
     end), tokens, tokens_per_s, supervised_tokens_per_s and wall_time_s (of this invocation),
     resumed_from_step, checkpoints, quantization and base_provenance (what load_model did), versions.
+
+    ``tracking`` (none | tensorboard | trackio | wandb): the main process also logs every history entry
+    and eval loss as scalars (:mod:`.tracking`; TensorBoard event files go to ``log_dir``).
     """
     import torch
     from accelerate import Accelerator
@@ -409,6 +417,9 @@ def train_sft(
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    require(tracking)
+    if tracking != "none" and log_dir is None:
+        raise ValueError(f"tracking: {tracking} needs a log_dir")
     # cpu=True where there is no GPU, so that torchrun / accelerate launch give multi-CPU (gloo) runs
     device = default_device()
     precision, precision_reason = resolve_mixed_precision(cfg.mixed_precision, device)
@@ -490,6 +501,8 @@ def train_sft(
         history, eval_history, window = state["history"], state["eval_history"], state["window"]
     elif main and not resume:
         shutil.rmtree(out_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    if main and ckpt is None and log_dir is not None:
+        clear_logs(Path(log_dir))  # a fresh run's curves replace the previous run's
     if main:  # training.json exists only for a finished run
         (out_dir / METRICS_FILE).unlink(missing_ok=True)
     if ckpt is None:
@@ -497,6 +510,8 @@ def train_sft(
     accelerator.wait_for_everyone()
 
     # 4. the loop --------------------------------------------------------------------------
+    tracker = open_tracker(tracking if main else "none", log_dir=log_dir, run_name=run_name,
+                           config={"seed": seed, **cfg.model_dump(mode="json")}, resumed_from=resumed_from)
     show_bar = progress and main and console.is_terminal
     log_lines = progress and main and not show_bar  # plain lines where no bar can be drawn
     bar = _progress_bar(enabled=show_bar)
@@ -537,6 +552,7 @@ def train_sft(
                         "supervised_tokens_per_s": window["supervised_tokens"] / elapsed,
                     }
                     history.append(entry)
+                    tracker.log(sft_scalars(entry), step)
                     window = {"loss_sum": 0.0, "supervised_tokens": 0, "tokens": 0}
                     window_started = time.perf_counter()
                     if log_lines:
@@ -548,6 +564,8 @@ def train_sft(
                 if step % cfg.save_steps == 0 and step < total_steps:
                     eval_loss = evaluate_loss(model, held_out, collator, cfg.batch_size, accelerator)
                     eval_history.append({"step": step, "eval_loss": eval_loss})
+                    if eval_loss is not None:
+                        tracker.log({EVAL_LOSS: eval_loss}, step)
                     state = {"step": step, "epoch": epoch, "step_in_epoch": step - epoch * spe,
                              "steps_per_epoch": spe, "total_steps": total_steps, "run_key": run_key,
                              "history": history, "eval_history": eval_history, "window": window}
@@ -556,6 +574,9 @@ def train_sft(
     # 5. the end ---------------------------------------------------------------------------
     train_time = max(time.perf_counter() - train_started, 1e-9)
     eval_loss = evaluate_loss(model, held_out, collator, cfg.batch_size, accelerator)
+    if eval_loss is not None:
+        tracker.log({EVAL_LOSS: eval_loss}, step)
+    tracker.close()
     metrics = {
         "base_model": model_spec,
         "base_fingerprint": base_fingerprint,
