@@ -13,9 +13,12 @@ from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
 from cai_bootstrap.evaluation.pooling import (
     Stratum,
+    design_effect,
     mantel_haenszel_paired,
     pool,
     sign_flip_p_value,
+    tango_interval,
+    tango_score,
 )
 
 
@@ -81,7 +84,7 @@ def test_cmh_on_model_by_outcome_tables_is_not_the_paired_test():
 @pytest.mark.parametrize("only_a,only_b", [(0, 0), (5, 0), (7, 2), (12, 11), (30, 14)])
 def test_sign_flip_with_singleton_clusters_is_the_exact_mcnemar_test(only_a, only_b):
     s = stratum("seed 0", (only_a, only_b, 10, 5))
-    pooled = pool([s], n_resamples=200)
+    pooled = pool([s])
     if only_a + only_b == 0:
         assert pooled.p_value == 1.0
         return
@@ -104,7 +107,7 @@ def test_pool_on_disjoint_items_is_the_exact_pooled_mcnemar():
     """Each seed on its own test items (no key shared): the clustered test is exact McNemar on the
     pooled discordant counts, the exact form of the CMH test over seeds."""
     strata = [stratum(f"seed {i}", c) for i, c in enumerate(KNOWN[1])]
-    pooled = pool(strata, n_resamples=500)
+    pooled = pool(strata)
     b, c = pooled.only_a, pooled.only_b
     assert (b, c) == (20, 10)
     assert pooled.p_value == pytest.approx(stats.binomtest(b, b + c).pvalue, rel=1e-9)
@@ -119,7 +122,7 @@ def test_pool_clusters_items_shared_by_seeds():
     """The same 40 items in 3 seeds, each discordant item favouring the same model in every seed:
     3 x the pairs but the evidence of 12 clusters, not 36 independent pairs."""
     s = [stratum(f"seed {i}", (9, 3, 20, 8), prefix="item") for i in range(3)]
-    pooled = pool(s, n_resamples=2000)
+    pooled = pool(s)
     assert pooled.items_repeated and pooled.n_items == 40 and pooled.n_pairs == 120
     # clusters: 9 with d = +3, 3 with d = -3: the sign-flip test is the binomial test on 9 vs 3
     assert pooled.p_value == pytest.approx(stats.binomtest(9, 12).pvalue, rel=1e-9)
@@ -157,7 +160,7 @@ def _d(strata):
 
 def test_none_outcomes_are_dropped_pairwise_and_bad_input_refused():
     s = Stratum("seed 0", ["x", "y", "z"], [True, None, False], [False, True, None])
-    pooled = pool([s], n_resamples=100)
+    pooled = pool([s])
     assert pooled.n_pairs == 1 and pooled.only_a == 1
     with pytest.raises(ValueError, match="differ in length"):
         Stratum("bad", ["x"], [True, False], [True, False])
@@ -169,10 +172,40 @@ def test_none_outcomes_are_dropped_pairwise_and_bad_input_refused():
         pool([])
 
 
-def test_bootstrap_interval_is_deterministic_and_covers_the_difference():
-    strata = [stratum(f"seed {i}", c, prefix="item") for i, c in enumerate(KNOWN[3])]
-    first, second = pool(strata, seed=3, n_resamples=3000), pool(strata, seed=3, n_resamples=3000)
-    assert (first.ci_low, first.ci_high) == (second.ci_low, second.ci_high)
-    assert first.ci_low <= first.difference <= first.ci_high
-    assert -1 <= first.ci_low and first.ci_high <= 1
-    assert math.isfinite(first.cmh.odds_ratio)
+def test_tango_interval_matches_the_published_value():
+    """Cavo et al. 2012 (Fagerland, Lydersen and Laake, Statistical Analysis of Contingency Tables,
+    ch. 8; R contingencytables): 6 vs 16 discordant of 161 pairs, Tango 95% CI -0.1240 to -0.0054."""
+    low, high = tango_interval(6, 16, 161)
+    assert (round(low, 4), round(high, 4)) == (-0.1240, -0.0054)
+    z = stats.norm.ppf(0.975)
+    assert tango_score(low, 6, 16, 161) == pytest.approx(z, abs=1e-6)
+    assert tango_score(high, 6, 16, 161) == pytest.approx(-z, abs=1e-6)
+
+
+def test_tango_interval_without_discordant_pairs_is_not_degenerate():
+    """16 pairs that all agree leave +-z^2/(n+z^2) = +-19 points open (a bootstrap would give [0, 0])."""
+    z2 = stats.norm.ppf(0.975) ** 2
+    assert tango_interval(0, 0, 16) == (pytest.approx(-z2 / (16 + z2)), pytest.approx(z2 / (16 + z2)))
+    assert tango_interval(20, 0, 20)[1] == 1.0 and tango_interval(0, 20, 20)[0] == -1.0
+
+
+def test_tango_interval_covers_about_95_percent():
+    rng = np.random.default_rng(3)
+    n, p_a, p_b, reps = 40, 0.15, 0.05, 1500
+    counts = rng.multinomial(n, [p_a, p_b, 1 - p_a - p_b], size=reps)
+    hits = sum(lo <= p_a - p_b <= hi for lo, hi in (tango_interval(b, c, n) for b, c, _ in counts))
+    assert 0.93 <= hits / reps <= 0.975
+
+
+def test_seeds_that_repeat_each_other_add_no_information():
+    """Three identical seeds: the design effect is 3, and interval and p-value are one seed's."""
+    one = pool([stratum("seed 0", (9, 3, 20, 8), prefix="item")])
+    three = pool([stratum(f"seed {i}", (9, 3, 20, 8), prefix="item") for i in range(3)])
+    assert three.design_effect == pytest.approx(3.0)
+    assert (three.ci_low, three.ci_high) == (pytest.approx(one.ci_low), pytest.approx(one.ci_high))
+    assert three.p_value == pytest.approx(one.p_value)
+    assert three.difference == pytest.approx(one.difference)
+    # seeds on disjoint items are independent evidence: no inflation, a narrower interval
+    disjoint = pool([stratum(f"seed {i}", (9, 3, 20, 8)) for i in range(3)])
+    assert disjoint.design_effect == 1.0 and disjoint.ci_high - disjoint.ci_low < one.ci_high - one.ci_low
+    assert design_effect(np.array([0, 0]), np.array([1, 1]), 0) == 1.0

@@ -359,11 +359,18 @@ def evaluate(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: 
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with saved responses.")]) -> None:
-    """Rebuild scores, statistics and the report from saved responses, without loading any model."""
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with saved responses, or an experiment folder.")]) -> None:
+    """Rebuild scores, statistics and the report from saved responses, without loading any model
+    (an experiment folder: the experiment report from its finished runs)."""
     from .run import open_run
     from .steps.report import report_inputs, run_report
 
+    if (run_dir / "experiment.json").is_file():
+        from .experiment.runner import rebuild_report
+
+        paths = rebuild_report(run_dir)
+        console.print(f"experiment report: {paths['markdown']} (and {paths['html']})")
+        return
     with open_run(run_dir, None, command="report") as run:
         run.check_inputs_ready("report", report_inputs(run))
         run.remove_orphans()
@@ -386,6 +393,26 @@ def run(config: ConfigArg, run_dir: RunDirOpt, set_: SetOpt = None, force: Force
 
 
 @app.command()
+def experiment(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option("--out", help="The experiment folder: one run directory per round and seed.")],
+    seeds: Annotated[int, typer.Option(min=1, help="Training seeds: the config's seed, seed+1, ...")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="Bootstrapping rounds: round r+1's data is written by round r's rounds.writer model.")] = 1,
+    data_seeds: Annotated[bool, typer.Option("--data-seeds", help="Give each training seed its own data seed (split, SFT data) instead of sharing one.")] = False,
+    set_: SetOpt = None,
+    launcher: LauncherOpt = "none", accelerate_config: AccelerateConfigOpt = None,
+) -> None:
+    """Run the pipeline over training seeds (and rounds), resumably, then report per seed and pooled."""
+    from .config import load_config
+    from .experiment.runner import run_experiment
+
+    acc = _accelerate_config(launcher, accelerate_config)
+    state = run_experiment(load_config(config, set_), out, seeds=seeds, rounds=rounds, data_seeds=data_seeds,
+                           accelerate_config=acc, config_path=config)
+    console.print(f"experiment report: {state['report']['markdown']} (and {state['report']['html']})")
+
+
+@app.command()
 def plan(
     config: ConfigArg,
     gpus: Annotated[int, typer.Option(min=1, help="GPUs the run will use.")] = 1,
@@ -393,21 +420,37 @@ def plan(
     gpu_memory_gib: Annotated[Optional[float], typer.Option(help="Memory per GPU, to say whether each step fits.")] = 80.0,
     activation_checkpointing: Annotated[bool, typer.Option(help="Estimate with activation checkpointing on.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="Training seeds of an experiment (counts its runs).")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="Bootstrapping rounds of an experiment.")] = 1,
+    data_seeds: Annotated[bool, typer.Option("--data-seeds", help="Each training seed its own data (as `experiment --data-seeds`).")] = False,
+    measured: Annotated[Optional[Path], typer.Option(help="A finished run (or experiment folder) whose step times give the time estimate.")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Estimate memory per GPU for every step (weights, LoRA, optimizer, activations, KV cache) before a run."""
+    """Estimate memory per GPU for every step (weights, LoRA, optimizer, activations, KV cache) before a
+    run, and the runs and time of an experiment (--seeds/--rounds; time from --measured)."""
     from .config import ConfigError, load_config
+    from .experiment.cost import estimate, find_measured
+    from .experiment.plan import plan_runs
     from .models.embedded import ModelNotAvailable
     from .planning import format_plan, plan as make_plan
 
     if strategy not in ("single", "ddp", "fsdp", "zero3"):
         fail("--strategy must be single, ddp, fsdp or zero3")
     try:
-        p = make_plan(load_config(config, set_), gpus, strategy, activation_checkpointing=activation_checkpointing,
+        cfg = load_config(config, set_)
+        p = make_plan(cfg, gpus, strategy, activation_checkpointing=activation_checkpointing,
                       gpu_memory_gib=gpu_memory_gib)
     except (ConfigError, ModelNotAvailable, ValueError) as e:
         fail(str(e))
-    print(json.dumps(p, indent=2) if json_out else format_plan(p))
+    run = find_measured(measured) if measured else None
+    if measured and run is None:
+        fail(f"{measured}: neither a finished run directory nor an experiment folder with a finished run")
+    cost = estimate(plan_runs(cfg.seed, seeds, rounds, data_seeds), cfg, run,
+                    unmeasured="pass --measured with a finished run of this config")
+    p["experiment"] = {"seeds": seeds, "rounds": rounds, "data_seeds": data_seeds, "runs": cost.runs,
+                       "estimate_s": cost.total_s, "device": cost.device, "gpus": cost.gpus, "basis": cost.basis,
+                       "config_differs_in": cost.differs, "line": cost.line()}
+    print(json.dumps(p, indent=2) if json_out else format_plan(p) + f"\nexperiment: {cost.line()}")
 
 
 @app.command()

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from .config import PipelineConfig, dump_config
 from .console import console
 from .errors import UserError
-from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, inside, is_orphan, sha256_path
+from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_text, inside, is_orphan, sha256_path
 from .locking import RunLock, lock_holder, process_alive
 
 TRACKED_PACKAGES = (
@@ -430,6 +430,43 @@ class Run:
         }
         self._save()
 
+    def adopt(self, source: Run, name: str, params_hash: str) -> bool:
+        """Take step ``name`` as ``source`` (another run directory) finished it: copy its outputs and
+        its manifest entry, with ``provenance.adopted_from`` saying where from, so that this run skips
+        the step and uses the same artifacts (runs of one experiment share their data this way).
+
+        Refused (:class:`RunStateError`) unless the source's step is done with ``params_hash`` (what this
+        run's config gives for the step), its outputs still hash as recorded, and this run's copies of
+        the step's inputs are the ones it used. Returns False when this run already has those outputs.
+        """
+        entry = source.steps().get(name)
+        where = f"{source.dir}: step {name}"
+        if not entry or entry.get("status") != "done":
+            raise RunStateError(f"{where} is not done: nothing to share")
+        if entry.get("params_hash") != params_hash:
+            raise RunStateError(f"{where} ran with other settings (params {entry.get('params_hash')} != "
+                             f"{params_hash}): it cannot be shared with {self.dir}")
+        for rel, digest in entry.get("inputs", {}).items():
+            p = self._input_path(rel)
+            if not p.exists() or sha256_path(p) != digest:
+                raise RunStateError(f"{where} read {rel} ({digest[:12]}), which {self.dir} does not have as such")
+        outputs: dict[str, str] = entry.get("outputs", {})
+        for rel, digest in outputs.items():
+            if not source.path(rel).exists() or sha256_path(source.path(rel)) != digest:
+                raise RunStateError(f"{where}: {rel} changed since the step recorded it; re-run it there first")
+        mine = self.steps().get(name, {})
+        if mine.get("status") == "done" and mine.get("params_hash") == params_hash and mine.get("outputs") == outputs \
+                and all(self.path(r).exists() and sha256_path(self.path(r)) == d for r, d in outputs.items()):
+            return False
+        for rel in outputs:
+            _copy_atomic(source.path(rel), self.path(rel))
+        adopted_from = {"run_dir": os.path.relpath(source.dir.resolve(), self.dir.resolve()),
+                        "ended": entry.get("ended"), "adopted": now()}
+        self.manifest["steps"][name] = {**entry, "provenance": {**entry.get("provenance", {}),
+                                                                 "adopted_from": adopted_from}}
+        self._save()
+        return True
+
     def _record_failure(self, name: str, e: BaseException, started: str, t0: float, params_hash: str,
                         writes: dict) -> None:
         self.manifest["steps"][name] = {
@@ -455,3 +492,19 @@ def open_run(run_dir: Path, config: PipelineConfig | None, *, command: str, conf
     finally:
         if created and not any(p.is_file() for p in run_dir.rglob("*")):
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """A file or folder copied beside the target, then renamed into place (an interrupted copy leaves
+    an orphan that the next command removes)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.adopting{TMP_SUFFIX}")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+        if dst.exists():
+            shutil.rmtree(dst)
+    else:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)

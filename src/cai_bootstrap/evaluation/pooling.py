@@ -32,9 +32,14 @@ Which stratified test is right for paired binary outcomes
   When no item appears in more than one stratum (one seed, or disjoint test sets) every |d_k| is 1
   and this is exactly McNemar's exact test on the pooled discordant counts, the exact form of the
   CMH test above.
-- The interval of the pooled difference in pass rate, sum_k d_k / (number of pairs), resamples
-  items (whole clusters) with replacement: a paired, clustered percentile bootstrap, the pooled
-  analogue of the single-run interval.
+- The interval of the pooled difference in pass rate, sum_k d_k / N over the N pairs, is Tango's
+  score interval for paired proportions (Tango 1998), with the counts divided by the design effect
+  of the clustering (Rao and Scott 1992): deff = sum_k (d_k - m_k D)^2 / (N (psi - D^2)), the
+  clustered variance of the sum over the variance it would have with independent pairs (m_k pairs
+  of item k, D the pooled difference, psi the share of discordant pairs; at least 1). A score
+  interval, unlike a percentile bootstrap, does not collapse to [0, 0] when no pair is discordant
+  (16 concordant pairs leave +-19 points open, not none), and seeds that merely repeat each other
+  (identical outcomes) give the interval of one seed, as they add no information.
 
 A random-effects (mixed) model over seeds would generalise to unseen seeds, but with the 2-5 seeds
 an experiment affords its seed variance is hardly estimable; the report shows the spread over seeds
@@ -49,7 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 from .statistics import McNemarResult, mcnemar
 
@@ -112,8 +117,9 @@ class PooledComparison:
     rate_a: float
     rate_b: float
     difference: float
-    ci_low: float  # clustered paired bootstrap (items resampled with all their strata)
+    ci_low: float  # Tango's score interval on the design-effect-adjusted counts
     ci_high: float
+    design_effect: float  # of the clustering by item (1: pairs as good as independent)
     p_value: float  # exact clustered sign-flip test (= exact McNemar when no item repeats)
     items_repeated: bool  # some item is paired in more than one stratum
     only_a: int
@@ -192,21 +198,51 @@ def sign_flip_p_value(d: Sequence[int]) -> float:
     return float(min(1.0, dist[values >= observed].sum()))
 
 
-def clustered_bootstrap_diff(d: np.ndarray, m: np.ndarray, n_resamples: int, confidence: float,
-                             seed: int) -> tuple[float, float]:
-    """Percentile interval of sum(d) / sum(m) with items (d_k, m_k) resampled with replacement."""
-    if d.size == 0:
+def tango_score(delta: float, only_a: float, only_b: float, n: float) -> float:
+    """Tango's (1998) score statistic of a paired difference delta = P(a only) - P(b only):
+    (only_a - only_b - n delta) / sqrt(n (2 q + delta (1 - delta))), with q the maximum-likelihood
+    P(b only) under the constraint (root of 2n q^2 + W q - only_b delta (1 - delta) = 0,
+    W = -only_a - only_b + (2n - only_a + only_b) delta). Counts may be fractional (see pool)."""
+    w = -only_a - only_b + (2 * n - only_a + only_b) * delta
+    q = (math.sqrt(max(w * w + 8 * n * only_b * delta * (1 - delta), 0.0)) - w) / (4 * n)
+    variance = n * (2 * q + delta * (1 - delta))
+    numerator = only_a - only_b - n * delta
+    if variance <= 0:
+        return math.copysign(math.inf, numerator) if numerator else 0.0
+    return numerator / math.sqrt(variance)
+
+
+def tango_interval(only_a: float, only_b: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Tango's score interval for a paired difference in proportions: every delta whose score
+    statistic lies within +-z (the statistic falls as delta grows). Well behaved with few or no
+    discordant pairs."""
+    if n <= 0:
         return -1.0, 1.0
-    rng = np.random.default_rng(seed)
-    tail = (1.0 - confidence) / 2.0
-    draws = np.empty(n_resamples)
-    chunk = max(1, 2_000_000 // d.size)  # bound memory: n_resamples x n_items indices at most 2M at once
-    for start in range(0, n_resamples, chunk):
-        stop = min(n_resamples, start + chunk)
-        idx = rng.integers(0, d.size, size=(stop - start, d.size))
-        draws[start:stop] = d[idx].sum(axis=1) / m[idx].sum(axis=1)
-    low, high = np.quantile(draws, [tail, 1.0 - tail])
-    return float(low), float(high)
+    z = _z(confidence)
+    estimate = (only_a - only_b) / n
+    edge = 1.0 - 1e-12
+
+    def score(delta: float) -> float:
+        return tango_score(delta, only_a, only_b, n)
+
+    low = -1.0 if estimate <= -edge or score(-edge) <= z else \
+        float(optimize.brentq(lambda x: score(x) - z, -edge, estimate, xtol=1e-12))
+    high = 1.0 if estimate >= edge or score(edge) >= -z else \
+        float(optimize.brentq(lambda x: score(x) + z, estimate, edge, xtol=1e-12))
+    return low, high
+
+
+def design_effect(d: np.ndarray, m: np.ndarray, discordant: int) -> float:
+    """Variance of sum(d) with items as clusters over its variance with independent pairs, at least 1."""
+    n = int(m.sum())
+    if n == 0 or discordant == 0:
+        return 1.0
+    delta = float(d.sum()) / n
+    independent = n * (discordant / n - delta * delta)
+    if independent <= 0:
+        return 1.0
+    clustered = float(np.sum((d - m * delta) ** 2))
+    return max(1.0, clustered / independent)
 
 
 def _stratum_result(s: Stratum) -> StratumResult:
@@ -218,11 +254,10 @@ def _stratum_result(s: Stratum) -> StratumResult:
     return StratumResult(s.label, n, ra, rb, ra - rb, mcnemar(a, b))
 
 
-def pool(strata: Sequence[Stratum], *, n_resamples: int = 10_000, confidence: float = 0.95,
-         seed: int = 0) -> PooledComparison:
+def pool(strata: Sequence[Stratum], *, confidence: float = 0.95) -> PooledComparison:
     """Pool a vs b over strata (see the module docstring): the pooled difference in pass rate, its
-    clustered bootstrap interval, the exact clustered sign-flip p-value, the CMH test for reference,
-    each stratum's own result, and how many strata point each way."""
+    design-effect-adjusted score interval, the exact clustered sign-flip p-value, the CMH test for
+    reference, each stratum's own result, and how many strata point each way."""
     if not strata:
         raise ValueError("nothing to pool: no strata")
     if len({s.label for s in strata}) != len(strata):
@@ -233,6 +268,7 @@ def pool(strata: Sequence[Stratum], *, n_resamples: int = 10_000, confidence: fl
     n_pairs = int(m.sum())
     pairs = [p for s in strata for p in s.pairs()]
     cmh = mantel_haenszel_paired(strata, confidence)
+    deff = design_effect(d, m, cmh.only_a + cmh.only_b)
     if n_pairs == 0:
         difference, low, high, p = 0.0, -1.0, 1.0, 1.0
         rate_a = rate_b = 0.0
@@ -240,11 +276,12 @@ def pool(strata: Sequence[Stratum], *, n_resamples: int = 10_000, confidence: fl
         rate_a = sum(x for _, x, _ in pairs) / n_pairs
         rate_b = sum(y for _, _, y in pairs) / n_pairs
         difference = float(d.sum() / n_pairs)
-        low, high = clustered_bootstrap_diff(d, m, n_resamples, confidence, seed)
+        low, high = tango_interval(cmh.only_a / deff, cmh.only_b / deff, n_pairs / deff, confidence)
         p = sign_flip_p_value(d)
     return PooledComparison(
         n_strata=len(strata), n_pairs=n_pairs, n_items=int(d.size), rate_a=rate_a, rate_b=rate_b,
-        difference=difference, ci_low=low, ci_high=high, p_value=p, items_repeated=bool((m > 1).any()),
+        difference=difference, ci_low=low, ci_high=high, design_effect=deff, p_value=p,
+        items_repeated=bool((m > 1).any()),
         only_a=cmh.only_a, only_b=cmh.only_b, cmh=cmh, strata=per,
         positive=sum(r.difference > 0 for r in per if r.n), negative=sum(r.difference < 0 for r in per if r.n),
         zero=sum(r.difference == 0 for r in per if r.n),

@@ -59,9 +59,14 @@ def template_sentinels(tokenizer, prompts: list[str], add_bos: bool) -> dict[str
     }
 
 
+def step_params(config) -> str:
+    """What decides the step's output (a data step: the data seed, not the training seed)."""
+    return config.data_hash("baseline")
+
+
 def run_baseline(run: Run, force: bool = False) -> bool:
     config = run.config
-    params = config.data_hash("baseline")
+    params = step_params(config)
     if not force and run.is_current("baseline", params, []):
         console.print("baseline: up to date, skipped")
         return False

@@ -59,12 +59,17 @@ def _load_user(path: str | None, key: str) -> list[InstructionRecord]:
     return records
 
 
+def step_params(config: PipelineConfig) -> str:
+    """What decides the step's output (a data step: the data seed, not the training seed)."""
+    return config.data_hash("instructions")
+
+
 def run_instructions(run: Run, force: bool = False) -> bool:
     config = run.config
     cfg = config.instructions
     # The user's files are inputs like any other: their hashes decide whether the step re-runs.
     user_inputs = [str(Path(p).resolve()) for p in (cfg.train_file, cfg.test_file) if p]
-    params = config.data_hash("instructions")
+    params = step_params(config)
     if not force and run.is_current("instructions", params, user_inputs):
         console.print("instructions: up to date, skipped")
         return False

@@ -33,12 +33,19 @@ def writer_record(run: Run, adapters: list[str], fingerprint: str) -> dict:
             "fingerprint": fingerprint, "adapters": {a: sha256_path(run.path(a)) for a in adapters}}
 
 
+def step_params(config: PipelineConfig) -> str:
+    """What decides the step's output: the data seed (not the training seed) and, after round 1, the
+    model that writes."""
+    writer = writer_adapters(config)
+    return config.data_hash("sft_data") + (f":writer={','.join(writer)}" if writer else "")
+
+
 def run_sft_data(run: Run, force: bool = False, accelerate_config: Path | None = None) -> bool:
     """accelerate_config: generate under `accelerate launch` with this config (several processes/GPUs)."""
     config = run.config
     cfg = config.sft_data
     writer = writer_adapters(config)  # round r+1: round r's model writes (its adapters are inputs)
-    params = config.data_hash("sft_data") + (f":writer={','.join(writer)}" if writer else "")
+    params = step_params(config)
     inputs = [INSTRUCTIONS, *writer]
     if not force and run.is_current("sft-data", params, inputs):
         console.print("sft-data: up to date, skipped")
