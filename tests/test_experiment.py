@@ -227,3 +227,28 @@ def test_estimate_comes_from_the_first_run_and_counts_adopted_steps_as_free(expe
 def test_an_experiment_folder_refuses_another_config(experiment, tiny_model_folder):
     with pytest.raises(ConfigError, match="other settings"):
         runner.run_experiment(tiny_config(tiny_model_folder, "sft.epochs=2"), experiment["out"], seeds=2, rounds=2)
+
+
+def test_cli_plan_status_and_report_on_an_experiment_folder(experiment, tmp_path):
+    from typer.testing import CliRunner
+
+    from cai_bootstrap.cli import app
+    from cai_bootstrap.config import dump_config
+
+    out = experiment["out"]
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(dump_config(experiment["config"]))
+    planned = CliRunner().invoke(app, ["plan", str(config_file), "--seeds", "3", "--rounds", "2", "--measured",
+                                       str(out), "--json"])
+    assert planned.exit_code == 0, planned.output
+    cost = json.loads(planned.output)["experiment"]
+    assert cost["runs"] == 6 and cost["device"] == "CPU" and cost["estimate_s"] > 0
+    assert "round-1/seed-0" in cost["basis"]
+    unmeasured = CliRunner().invoke(app, ["plan", str(config_file), "--seeds", "2"])
+    assert "2 runs (2 to do); time: not estimated (pass --measured" in " ".join(unmeasured.output.split())
+    status = CliRunner().invoke(app, ["status", str(out)])
+    assert status.exit_code == 0 and status.output.count("done") >= 4 and "round-2" in status.output
+    (out / "results.json").unlink()
+    report = CliRunner().invoke(app, ["report", str(out)])
+    assert report.exit_code == 0, report.output
+    assert json.loads((out / "results.json").read_text())["rounds"][1]["round"] == 2

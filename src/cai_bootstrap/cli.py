@@ -205,12 +205,40 @@ def validate(
     console.print(f"[green]{file}: {n} valid {kind} record(s)[/]")
 
 
+def experiment_status(out: Path) -> None:
+    """The runs of an experiment folder; a run recorded running whose command is gone was interrupted."""
+    from .experiment.runner import EXPERIMENT_JSON
+    from .locking import describe, lock_holder
+
+    state = json.loads((out / EXPERIMENT_JSON).read_text(encoding="utf-8"))
+    holder = lock_holder(out)
+    table = Table(title=f"{out}: {state['seeds']} seed(s) x {state['rounds']} round(s)")
+    for col in ("run", "status", "data seed", "adopted", "duration", "ended"):
+        table.add_column(col)
+    colors = {"done": "green", "failed": "red", "running": "yellow", "interrupted": "red"}
+    for name, r in state["runs"].items():
+        status = "interrupted" if r["status"] == "running" and holder is None else r["status"]
+        adopted = r.get("adopted") or {}
+        table.add_row(name, f"[{colors.get(status, 'white')}]{status}[/]", str(r.get("data_seed")),
+                      f"{', '.join(adopted.get('steps', []))} from {adopted['from']}" if adopted else "",
+                      f"{r['duration_s']:.0f}s" if r.get("duration_s") is not None else "", r.get("ended", ""))
+    console.print(table)
+    if holder is not None:
+        console.print(f"in use by {describe(holder)}")
+    if state.get("estimate"):
+        console.print(state["estimate"]["line"], highlight=False, soft_wrap=True)
+
+
 @app.command()
-def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
-    """Show the steps of a run with their state, counts and times; a step whose process is gone shows as interrupted."""
+def status(run_dir: Annotated[Path, typer.Argument(help="A run directory, or an experiment folder.")]) -> None:
+    """Show the steps of a run with their state, counts and times; a step whose process is gone shows as
+    interrupted (an experiment folder: its runs)."""
     from .locking import describe, lock_holder
     from .run import Run
 
+    if (run_dir / "experiment.json").is_file():
+        experiment_status(run_dir)
+        return
     run = Run.open_existing(run_dir)
     table = Table(title=str(run_dir))
     for col in ("step", "status", "kept", "dropped", "duration", "ended"):

@@ -221,6 +221,9 @@ def plot_spread(results: Mapping[str, Any]) -> bytes:
             ax.scatter([x + j for j in jitter], values, color=colours[m], s=22, zorder=3)
             mean = sum(values) / len(values)
             ax.plot([x - 0.3, x + 0.3], [mean, mean], color=colours[m], linewidth=2.2, zorder=2)
+        for x in range(1, len(groups)):
+            if groups[x][0] != groups[x - 1][0]:  # between rounds
+                ax.axvline(x - 0.5, color="#999999", linewidth=0.8, linestyle=":")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{m}\nround {r}" if len(rounds) > 1 else m for r, m in groups], fontsize=8)
         ax.set_ylim(-0.03, 1.03)
