@@ -15,7 +15,7 @@ from cai_bootstrap.experiment.cost import estimate
 from cai_bootstrap.experiment.plan import SHARED_DATA, check_base_config, plan_runs, run_config
 from cai_bootstrap.files import sha256_file, sha256_path
 from cai_bootstrap.models.loading import fingerprint, load_model
-from cai_bootstrap.run import Run, StepFailed
+from cai_bootstrap.run import Run, RunStateError
 from cai_bootstrap.schemas import SFTRecord, load_jsonl
 from cai_bootstrap.steps import dpo as dpo_step
 from cai_bootstrap.steps import pairs as pairs_step
@@ -82,7 +82,7 @@ def test_adopt_copies_outputs_with_provenance_and_refuses_mismatches(tmp_path):
     src, dst = Run(tmp_path / "a"), Run(tmp_path / "b")
     _fake_step(src, "instructions", "p1", "pool")
     _fake_step(src, "sft-data", "p2", "answers", inputs=["data/instructions.txt"])
-    with pytest.raises(StepFailed, match="does not have as such"):  # its input is not there yet
+    with pytest.raises(RunStateError, match="does not have as such"):  # its input is not there yet
         dst.adopt(src, "sft-data", "p2")
     assert dst.adopt(src, "instructions", "p1") and dst.adopt(src, "sft-data", "p2")
     assert not dst.adopt(src, "sft-data", "p2")  # already there: nothing to do
@@ -90,14 +90,14 @@ def test_adopt_copies_outputs_with_provenance_and_refuses_mismatches(tmp_path):
     assert entry["outputs"] == src.steps()["sft-data"]["outputs"]
     assert entry["provenance"]["adopted_from"]["run_dir"] == "../a"
     assert dst.is_current("sft-data", "p2", ["data/instructions.txt"])  # the step will be skipped
-    with pytest.raises(StepFailed, match="other settings"):
+    with pytest.raises(RunStateError, match="other settings"):
         dst.adopt(src, "instructions", "another")
     src.path("data/sft-data.txt").write_text("edited")
     other = Run(tmp_path / "c")
     other.adopt(src, "instructions", "p1")
-    with pytest.raises(StepFailed, match="changed since"):
+    with pytest.raises(RunStateError, match="changed since"):
         other.adopt(src, "sft-data", "p2")
-    with pytest.raises(StepFailed, match="not done"):
+    with pytest.raises(RunStateError, match="not done"):
         dst.adopt(src, "sft", "p3")
 
 

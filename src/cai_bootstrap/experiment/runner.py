@@ -3,7 +3,8 @@
 ``DIR/experiment.json`` records the experiment (its config, seeds, rounds, data seeds) and each run's
 state. Run again, the experiment continues where it stopped: a run recorded done whose manifest is
 unchanged is not touched, an interrupted one resumes like any run (its finished steps are skipped),
-and asking for more seeds or rounds adds runs. A different config in the same DIR is refused.
+and asking for more seeds or rounds adds runs. A different config in the same DIR is refused. One
+command at a time holds the experiment folder, and each run directory while it works on it (locks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 from ..config import ConfigError, PipelineConfig
 from ..console import console
 from ..files import atomic_write_json, sha256_file
-from ..run import Run, StepFailed, now
+from ..locking import RunLock
+from ..run import Run, RunStateError, now, open_run, prepare_run_dir
 from ..steps import baseline, instructions, sft_data
 from ..steps.pipeline import run_pipeline
 from .cost import Estimate, estimate
@@ -69,12 +71,19 @@ def adopt_shared(run: Run, source: Run, steps: tuple[str, ...]) -> list[str]:
 
 
 def run_experiment(config: PipelineConfig, out: Path, *, seeds: int, rounds: int = 1, data_seeds: bool = False,
-                   accelerate_config: Path | None = None, pipeline: Pipeline = run_pipeline) -> dict[str, Any]:
+                   accelerate_config: Path | None = None, pipeline: Pipeline = run_pipeline,
+                   config_path: str | Path | None = None) -> dict[str, Any]:
     """Run (or continue) the experiment; returns its state. ``pipeline(run, accelerate_config=...)``
-    runs one run directory (tests inject a cheaper one)."""
+    runs one run directory; ``config_path`` appears in the commands that messages suggest."""
     check_base_config(config)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out)
+    with RunLock(out, "experiment"):
+        return _run_locked(config, out, seeds, rounds, data_seeds, accelerate_config, pipeline, config_path)
+
+
+def _run_locked(config: PipelineConfig, out: Path, seeds: int, rounds: int, data_seeds: bool,
+                accelerate_config: Path | None, pipeline: Pipeline, config_path: str | Path | None) -> dict[str, Any]:
     state = open_state(out, config, data_seeds)
     state["seeds"], state["rounds"] = max(state["seeds"], seeds), max(state["rounds"], rounds)
     planned = plan_runs(config.seed, state["seeds"], state["rounds"], data_seeds)
@@ -90,7 +99,7 @@ def run_experiment(config: PipelineConfig, out: Path, *, seeds: int, rounds: int
         if _finished(out, entry):
             console.print(f"{p.name}: done, skipped")
             continue
-        _run_one(out, config, p, entry, state, accelerate_config, pipeline)
+        _run_one(out, config, p, entry, state, accelerate_config, pipeline, config_path)
         if not any(n != p.name and r.get("status") == "done" for n, r in state["runs"].items()):
             # the first finished run: now the rest can be estimated from what it measured
             line = estimate_now(out, planned, config, state).line()
@@ -104,6 +113,14 @@ def run_experiment(config: PipelineConfig, out: Path, *, seeds: int, rounds: int
     return state
 
 
+def rebuild_report(out: Path) -> dict[str, Path]:
+    """The experiment report again from the finished runs' saved scores (`cai-bootstrap report DIR`)."""
+    from .results import write_experiment_report
+
+    with RunLock(out, "report"):
+        return write_experiment_report(out, json.loads((out / EXPERIMENT_JSON).read_text(encoding="utf-8")))
+
+
 def estimate_now(out: Path, planned: list[PlannedRun], config: PipelineConfig, state: dict[str, Any]) -> Estimate:
     done = {name for name, r in state["runs"].items() if _finished(out, r)}
     measured = next((out / p.name for p in planned if p.name in done and not p.adopts), None)
@@ -111,28 +128,28 @@ def estimate_now(out: Path, planned: list[PlannedRun], config: PipelineConfig, s
 
 
 def _run_one(out: Path, config: PipelineConfig, p: PlannedRun, entry: dict, state: dict,
-             accelerate_config: Path | None, pipeline: Pipeline) -> None:
+             accelerate_config: Path | None, pipeline: Pipeline, config_path: str | Path | None) -> None:
     console.rule(f"[bold]experiment: {p.name}")
-    run = Run(out / p.name, run_config(config, p))
-    if p.adopt_from:
-        source_dir = out / p.adopt_from
-        if not _finished(out, state["runs"][p.adopt_from]):
-            raise StepFailed(f"{p.name} shares data with {p.adopt_from}, which has not finished")
-        taken = adopt_shared(run, Run.open_existing(source_dir), p.adopts)
-        entry["adopted"] = {"from": p.adopt_from, "steps": list(p.adopts)}
-        if taken:
-            console.print(f"{p.name}: took {', '.join(taken)} from {p.adopt_from} (same files, checked by hash)")
+    if p.adopt_from and not _finished(out, state["runs"][p.adopt_from]):
+        raise RunStateError(f"{p.name} shares data with {p.adopt_from}, which has not finished")
     entry.update(status="running", started=now())
     entry.pop("error", None)
     save_state(out, state)
     t0 = time.perf_counter()
     try:
-        pipeline(run, accelerate_config=accelerate_config)
+        with open_run(out / p.name, run_config(config, p), command="experiment", config_path=config_path) as run:
+            if p.adopt_from:
+                taken = adopt_shared(run, Run.open_existing(out / p.adopt_from), p.adopts)
+                entry["adopted"] = {"from": p.adopt_from, "steps": list(p.adopts)}
+                if taken:
+                    console.print(f"{p.name}: took {', '.join(taken)} from {p.adopt_from} (same files, checked "
+                                  f"by hash)", highlight=False)
+            pipeline(run, accelerate_config=accelerate_config)
     except BaseException as e:  # interrupted too: the next invocation resumes this run
         entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                      error=f"{type(e).__name__}: {e}"[:500], ended=now())
         save_state(out, state)
         raise
     entry.update(status="done", ended=now(), duration_s=round(time.perf_counter() - t0, 1),
-                 manifest_sha256=sha256_file(run.manifest_path))
+                 manifest_sha256=sha256_file(out / p.name / "manifest.json"))
     save_state(out, state)

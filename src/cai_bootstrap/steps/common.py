@@ -37,22 +37,6 @@ LOGS = "logs"  # training curves (tracking: tensorboard, wandb), one folder per 
 MODEL_CHAINS: dict[str, list[str]] = {"base": [], "sft": [SFT_DIR], "dpo": [SFT_DIR, DPO_DIR],
                                       "dpo_only": [DPO_ONLY_DIR]}
 
-
-def tracking_name(run_dir: Path, step: str) -> str:
-    """A training's name in a tracker: the run folder's last two parts and the step
-    (round-2/seed-1/dpo in an experiment)."""
-    resolved = Path(run_dir).resolve()
-    return f"{resolved.parent.name}/{resolved.name}/{step}"
-
-
-def writer_adapters(config: PipelineConfig) -> list[str]:
-    """The adapters (paths relative to this run's directory, or absolute) of the model that writes this
-    run's SFT data and samples its pairs: none in round 1, round r's ``rounds.writer`` model after."""
-    r = config.rounds
-    if r.previous is None:
-        return []
-    return [str(Path(r.previous) / a) for a in MODEL_CHAINS[r.writer]]
-
 # For messages that say which command to run first: the step that writes each artifact, and the
 # command of a step whose name is not its command.
 WRITERS = {BASELINE: "baseline", INSTRUCTIONS: "instructions", TEST: "instructions", INSTRUCTIONS_REPORT: "instructions",
@@ -61,6 +45,38 @@ WRITERS = {BASELINE: "baseline", INSTRUCTIONS: "instructions", TEST: "instructio
 STEP_COMMANDS = {"dpo": "dpo --init sft", "dpo_only": "dpo --init base"}
 EDIT_HINTS = {INSTRUCTIONS: "to train on instructions of your own, set instructions.train_file (docs/errors.md)",
               TEST: "to test on items of your own, set instructions.test_file (docs/errors.md)"}
+
+
+def tracking_name(run_dir: Path, step: str) -> str:
+    """A training's name in a tracker: the run folder's last two parts and the step
+    (round-2/seed-1/dpo in an experiment)."""
+    resolved = Path(run_dir).resolve()
+    return f"{resolved.parent.name}/{resolved.name}/{step}"
+
+
+def writer_label(config: PipelineConfig) -> str | None:
+    """The model that writes this run's data, as the step parameters record it (independent of where
+    the experiment folder lies): ``<previous run>:<model>``; None in round 1 (the base model)."""
+    r = config.rounds
+    return None if r.previous is None else f"{r.previous}:{r.writer}"
+
+
+def writer_adapters(run_dir: Path, config: PipelineConfig) -> list[str]:
+    """The adapters of the model that writes this run's SFT data and samples its pairs: none in round 1,
+    round r's ``rounds.writer`` model after. Absolute paths: that run lies outside this one, and a
+    run's own relative paths never leave its directory."""
+    r = config.rounds
+    if r.previous is None:
+        return []
+    from ..run import RunStateError
+
+    previous = (Path(run_dir) / r.previous).resolve()
+    adapters = [previous / a for a in MODEL_CHAINS[r.writer]]
+    missing = [str(a) for a in adapters if not (a / "adapter_config.json").is_file()]
+    if missing:
+        raise RunStateError(f"round {r.round}'s data is written by the {r.writer} model of {previous}, which has no "
+                            f"finished adapter at {', '.join(missing)}: finish that run first")
+    return [str(a) for a in adapters]
 
 
 def generator_provenance(p: dict[str, Any], config: PipelineConfig, decoding: Decoding,

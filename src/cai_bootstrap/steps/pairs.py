@@ -20,7 +20,7 @@ from ..generation.engine import Decoding, Generation
 from ..run import Run
 from ..schemas import InstructionRecord, PreferencePair, SFTRecord, load_jsonl
 from ..training.logprobs import completion_logprobs
-from .common import INSTRUCTIONS, NEGATIVES, PAIRS, SFT, SFT_DIR, TMP, writer_adapters
+from .common import INSTRUCTIONS, NEGATIVES, PAIRS, SFT, SFT_DIR, TMP, writer_adapters, writer_label
 from .generator import Generator
 
 PAIRS_REPORT = "data/pairs_report.json"
@@ -55,8 +55,9 @@ def run_pairs(run: Run, force: bool = False, accelerate_config: Path | None = No
     config = run.config
     cfg = config.pairs
     # the policy: this run's SFT model, or in round r+1 round r's writer model
-    policy = writer_adapters(config) or [SFT_DIR]
-    params = config.section_hash("pairs", "sft_data") + (f":policy={','.join(policy)}" if policy != [SFT_DIR] else "")
+    writer = writer_label(config)
+    policy = writer_adapters(run.dir, config) or [SFT_DIR]
+    params = config.section_hash("pairs", "sft_data") + (f":policy={writer}" if writer else "")
     inputs = [INSTRUCTIONS, SFT, *policy]
     if not force and run.is_current("pairs", params, inputs):
         console.print("pairs: up to date, skipped")
@@ -69,7 +70,7 @@ def run_pairs(run: Run, force: bool = False, accelerate_config: Path | None = No
         with Generator(config, accelerate_config=accelerate_config, work_dir=run.path(TMP)) as gen:
             base_gens = greedy_responses(gen, config, items, "pairs: base")
         base_raw = {it.id: g.raw_text for it, g in zip(items, base_gens)}
-        with Generator(config, adapters=[run.path(a) for a in policy], accelerate_config=accelerate_config,
+        with Generator(config, adapters=[a if writer else run.path(a) for a in policy], accelerate_config=accelerate_config,
                        work_dir=run.path(TMP)) as gen:
             sft_gens = greedy_responses(gen, config, items, "pairs: sft")
             chosen: dict[str, tuple[str, str]] = {}

@@ -15,7 +15,8 @@ from ..formats import choose_shots, few_shot_prompt
 from ..generation.engine import Decoding
 from ..run import Run
 from ..schemas import InstructionRecord, SFTRecord, load_jsonl
-from .common import INSTRUCTIONS, SFT, SFT_QC, TMP, few_shot_pool, generator_provenance, writer_adapters
+from .common import (INSTRUCTIONS, SFT, SFT_QC, TMP, few_shot_pool, generator_provenance, writer_adapters,
+                     writer_label)
 from .generator import Generator
 
 
@@ -30,21 +31,21 @@ def writer_record(run: Run, adapters: list[str], fingerprint: str) -> dict:
     """Which model wrote a round's data: the round before's run, its model, weights and adapters."""
     r = run.config.rounds
     return {"round": r.round - 1, "run_dir": r.previous, "model": r.writer if adapters else "base",
-            "fingerprint": fingerprint, "adapters": {a: sha256_path(run.path(a)) for a in adapters}}
+            "fingerprint": fingerprint, "adapters": {a: sha256_path(a) for a in adapters}}
 
 
 def step_params(config: PipelineConfig) -> str:
     """What decides the step's output: the data seed (not the training seed) and, after round 1, the
     model that writes."""
-    writer = writer_adapters(config)
-    return config.data_hash("sft_data") + (f":writer={','.join(writer)}" if writer else "")
+    writer = writer_label(config)
+    return config.data_hash("sft_data") + (f":writer={writer}" if writer else "")
 
 
 def run_sft_data(run: Run, force: bool = False, accelerate_config: Path | None = None) -> bool:
     """accelerate_config: generate under `accelerate launch` with this config (several processes/GPUs)."""
     config = run.config
     cfg = config.sft_data
-    writer = writer_adapters(config)  # round r+1: round r's model writes (its adapters are inputs)
+    writer = writer_adapters(run.dir, config)  # round r+1: round r's model writes (its adapters are inputs)
     params = step_params(config)
     inputs = [INSTRUCTIONS, *writer]
     if not force and run.is_current("sft-data", params, inputs):
@@ -54,7 +55,7 @@ def run_sft_data(run: Run, force: bool = False, accelerate_config: Path | None =
         items = stratified_sample(load_jsonl(run.path(INSTRUCTIONS), InstructionRecord), cfg.max_instructions,
                                   config.data_seed_value, "sft-data")
         prompts = sft_prompts(config, items)
-        with Generator(config, adapters=[run.path(a) for a in writer], accelerate_config=accelerate_config,
+        with Generator(config, adapters=writer, accelerate_config=accelerate_config,
                        work_dir=run.path(TMP)) as gen:
             decodings = [Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=config.data_seed_value + n) for n in range(cfg.best_of_n)]

@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import UserError
+
 Tracking = Literal["none", "tensorboard", "trackio", "wandb"]
 TRACKINGS: tuple[str, ...] = ("none", "tensorboard", "trackio", "wandb")
 PROJECT = "cai-bootstrap"
@@ -46,7 +48,7 @@ DPO_TAGS: tuple[str, ...] = ("train/loss", "train/learning_rate", "train/epoch",
 _PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     """The configured tracking backend's package is not installed."""
 
 
