@@ -150,7 +150,7 @@ def test_an_interrupted_experiment_resumes_without_redoing_finished_work(experim
     resumed = json.loads((out / "round-2/seed-1/manifest.json").read_text())["steps"]
     for name in ("baseline", "instructions", "sft-data", "sft", "pairs"):
         assert resumed[name] == experiment["interrupted_steps"][name], name
-    assert experiment["interrupted_steps"]["dpo"]["status"] == "failed" and resumed["dpo"]["status"] == "done"
+    assert experiment["interrupted_steps"]["dpo"]["status"] == "interrupted" and resumed["dpo"]["status"] == "done"
 
 
 def test_training_seeds_share_the_data_and_train_differently(experiment):
