@@ -252,3 +252,9 @@ def test_cli_plan_status_and_report_on_an_experiment_folder(experiment, tmp_path
     report = CliRunner().invoke(app, ["report", str(out)])
     assert report.exit_code == 0, report.output
     assert json.loads((out / "results.json").read_text())["rounds"][1]["round"] == 2
+
+
+def test_an_upgrade_that_adds_config_options_does_not_stop_an_experiment():
+    before = {"seed": 0, "sft": {"epochs": 2, "batch_size": 8}}
+    assert runner.changed_keys(before, {"seed": 0, "sft": {"epochs": 2, "batch_size": 8, "new_option": 1}}) == []
+    assert runner.changed_keys(before, {"seed": 0, "sft": {"epochs": 3, "batch_size": 8}}) == ["sft.epochs"]

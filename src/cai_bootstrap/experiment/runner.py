@@ -39,16 +39,33 @@ def _settings(config: PipelineConfig, data_seeds: bool) -> dict[str, Any]:
             "writer": config.rounds.writer}
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def changed_keys(before: dict[str, Any], now_: dict[str, Any]) -> list[str]:
+    """Config keys set in both with different values. A key only one side has is an option added (or
+    removed) by an upgrade of this package, at its default: the runs' own step hashes decide what
+    that changes, so it does not stop the experiment."""
+    a, b = _flat(before), _flat(now_)
+    return sorted(k for k in set(a) & set(b) if a[k] != b[k])
+
+
 def open_state(out: Path, config: PipelineConfig, data_seeds: bool) -> dict[str, Any]:
     """The experiment's state: new, or the existing one if it was started with the same settings."""
     path = out / EXPERIMENT_JSON
     settings = _settings(config, data_seeds)
     if path.is_file():
         state = json.loads(path.read_text(encoding="utf-8"))
-        differ = [k for k, v in settings.items() if state.get("settings", {}).get(k) != v]
+        differ = [k for k in ("base_seed", "data_seeds", "writer") if state.get("settings", {}).get(k) != settings[k]]
+        differ += changed_keys(state.get("config", {}), config.model_dump(mode="json"))
         if differ:
             raise ConfigError(f"{path}: this experiment was started with other settings ({', '.join(differ)} "
                               f"differ); use the same config and options, or another --out")
+        state["settings"]["config_hash"] = settings["config_hash"]
+        state["config"] = config.model_dump(mode="json")
         return state
     return {"schema": SCHEMA, "created": now(), "settings": settings, "config": config.model_dump(mode="json"),
             "seeds": 0, "rounds": 0, "runs": {}}
