@@ -12,7 +12,8 @@ time of the training loop only (TRL: ``on_train_begin`` -> ``on_train_end``; our
 of ``train_sft``); model load, tokenization and saving excluded. Matched settings where TRL's
 defaults differ from ours: the same autocast on both sides (``--mixed-precision``; auto is bf16 only
 where the device computes it natively, where TRL defaults to bf16 everywhere), no activation
-checkpointing (TRL defaults to it), no gradient clipping (ours has none), ``logging_steps=1`` on both.
+checkpointing (TRL defaults to it), gradient clipping at ``sft.max_grad_norm`` (1.0) on both,
+``logging_steps=1`` on both.
 
 DPO: TRL ``DPOTrainer`` with TRL's default ``precompute_ref_log_probs=False`` (a reference forward,
 adapter disabled, inside every step) vs ``train_dpo`` (reference log-probs precomputed before the
@@ -237,7 +238,7 @@ def trl_sft_arguments(cfg: SFTConfig, out_dir: Path) -> dict[str, Any]:
         "max_length": cfg.max_length, "completion_only_loss": True, "packing": False, "padding_free": False,
         "learning_rate": cfg.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": cfg.warmup_ratio,
         "weight_decay": cfg.weight_decay, "optim": "adamw_torch",
-        "max_grad_norm": 0.0,  # train_sft does not clip
+        "max_grad_norm": cfg.max_grad_norm or 0.0,  # as train_sft clips
         "max_steps": cfg.max_steps, "per_device_train_batch_size": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "activation_checkpointing": False,  # TRL's default is on; ours never checkpoints

@@ -266,7 +266,7 @@ def _deepspeed_worker_plugin():
 
 def test_sft_fills_the_deepspeed_values_accelerate_takes_from_a_dataloader():
     """train_sft prepares no DataLoader: without a micro-batch size accelerate.prepare refuses a
-    DeepSpeed model, and "auto" clipping would become 1.0 (the other backends do not clip)."""
+    DeepSpeed model, and "auto" clipping becomes sft.max_grad_norm (what the loop clips to elsewhere)."""
     from types import SimpleNamespace
 
     from cai_bootstrap.training.sft import _configure_deepspeed
@@ -277,7 +277,11 @@ def test_sft_fills_the_deepspeed_values_accelerate_takes_from_a_dataloader():
     _configure_deepspeed(fake, SFTConfig(batch_size=3))
     assert not plugin.is_auto("train_micro_batch_size_per_gpu")
     assert plugin.get_value("train_micro_batch_size_per_gpu") == 3
-    assert plugin.get_value("gradient_clipping") == 0.0
+    assert plugin.get_value("gradient_clipping") == 1.0  # the default sft.max_grad_norm
+    unclipped = _deepspeed_worker_plugin()
+    _configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=unclipped)),
+                         SFTConfig(max_grad_norm=None))
+    assert unclipped.get_value("gradient_clipping") == 0.0
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         _configure_deepspeed(fake, SFTConfig(gradient_accumulation_steps=2))
     _configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)),

@@ -19,6 +19,8 @@ from cai_bootstrap.steps.instructions import run_instructions
 
 CPU_2PROC = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
 
+CPU_BACKEND = {"used": True, "reason": "auto: a CPU with whole weights"}
+
 
 @pytest.fixture(scope="module")
 def varied_model_folder(tmp_path_factory, smollm2_folder) -> Path:
@@ -70,7 +72,8 @@ def test_sft_data_on_two_processes_writes_the_same_artifact(tmp_path, varied_mod
     assert len(records) == 12 and all(r["critic_margin"] is not None for r in records)
     assert len({r["response"] for r in records}) > 6  # the outputs really differ per prompt
     step = runs["two"].steps()["sft-data"]
-    assert step["provenance"]["generation"] == {"backend": "hf", "accelerate_config": str(CPU_2PROC), "processes": 2}
+    assert step["provenance"]["generation"] == {"backend": "hf", "accelerate_config": str(CPU_2PROC), "processes": 2,
+                                                "cpu_backend": CPU_BACKEND}  # the launched processes' decision
     qc_one, qc_two = (json.loads(runs[n].path("data/sft_qc.json").read_text()) for n in ("one", "two"))
     for key in ("prompts", "completion_tokens", "batches"):
         assert qc_one["generation"][key] == qc_two["generation"][key]
@@ -102,7 +105,8 @@ def test_evaluate_command_with_launcher_matches_one_process(tmp_path, varied_mod
     assert rec_two["models"]["sft"]["fingerprint"] == rec_one["models"]["sft"]["fingerprint"] \
         != rec_two["isolation"]["base_fingerprint_before"]
     assert rec_two["models"]["sft"]["runtime"]["processes"] == 2
-    assert rec_one["models"]["sft"]["runtime"] == {"backend": "hf", "processes": 1}
+    assert rec_one["models"]["sft"]["runtime"] == {"backend": "hf", "processes": 1, "cpu_backend": CPU_BACKEND}
+    assert rec_two["models"]["sft"]["runtime"]["cpu_backend"] == CPU_BACKEND
     # the memory figures include the launched processes (the launcher and its 2 workers)
     mem_one, mem_two = rec_one["models"]["sft"]["memory"], rec_two["models"]["sft"]["memory"]
     assert mem_two["processes_peak"] >= mem_one["processes_peak"] + 2

@@ -87,3 +87,36 @@ def test_fingerprint_changes_with_any_weight_edit(tiny_model_folder):
     with torch.no_grad():
         b.model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
     assert fingerprint(a.model) != fingerprint(b.model)
+
+
+def test_fingerprint_sums_in_chunks_with_bounded_memory_and_the_same_sensitivity():
+    """A tensor 8x the chunk: the largest float64 temporary is one chunk (the whole-tensor copy it
+    replaced was 8x that); the same weights give the same fingerprint, one element changed outside
+    the strided sample gives another, and the sum is chunk-independent up to float64 rounding."""
+    import torch
+
+    from cai_bootstrap.models.loading import _chunked_sum
+
+    chunk, sample = 1 << 18, 1024
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.Linear(1 << 11, 1 << 10, bias=False)  # 2M elements
+    with torch.no_grad():
+        a.weight.copy_(torch.randn(a.weight.shape, generator=g))
+    b = torch.nn.Linear(1 << 11, 1 << 10, bias=False)
+    with torch.no_grad():
+        b.weight.copy_(a.weight)
+    assert fingerprint(a, sample=sample, chunk=chunk) == fingerprint(b, sample=sample, chunk=chunk)
+    stride = a.weight.numel() // sample
+    with torch.no_grad():
+        b.weight.view(-1)[stride + 1] += 1e-3  # between two sampled elements: only the sum can see it
+    assert fingerprint(a, sample=sample, chunk=chunk) != fingerprint(b, sample=sample, chunk=chunk)
+    with torch.no_grad():
+        b.weight.view(-1)[stride + 1] -= 1e-3
+    assert torch.equal(a.weight, b.weight) and fingerprint(a, sample=sample, chunk=chunk) == fingerprint(b, sample=sample, chunk=chunk)
+
+    flat = a.weight.detach().reshape(-1)
+    assert _chunked_sum(flat, chunk) == pytest.approx(float(flat.double().sum()), rel=1e-12, abs=1e-9)
+    with torch.profiler.profile(profile_memory=True, activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fingerprint(a, sample=sample, chunk=chunk)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest <= chunk * 8 < flat.numel() * 8 // 4

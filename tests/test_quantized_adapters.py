@@ -128,7 +128,7 @@ def test_dpo_from_sft_on_an_8bit_base_starts_from_the_unmerged_sft_model(tiny_mo
     TRL disables its own DPO adapter for the reference, and the SFT hooks are not a PEFT adapter."""
     pytest.importorskip("bitsandbytes")
     from cai_bootstrap.training.dpo import build_trainer
-    from test_dpo import _close, _logps, make_pairs, small_cfg
+    from test_dpo import _logps, make_pairs, small_cfg
 
     pairs = make_pairs(4)
     setup = build_trainer("sft", str(tiny_model_folder), pairs, small_cfg(), out_dir=tmp_path / "dpo", seed=0,

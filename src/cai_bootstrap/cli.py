@@ -149,6 +149,7 @@ def generate(
     allow_full_precision_fallback: Annotated[bool, typer.Option(help="Load full precision if quantized loading is impossible (recorded).")] = False,
     add_bos: Annotated[bool, typer.Option(help="Prepend the BOS token to each prompt.")] = False,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto.")] = "float32",
+    cpu_backend: Annotated[str, typer.Option(help="auto: our decode loop on a CPU, transformers' generate elsewhere; off: generate everywhere.")] = "auto",
 ) -> None:
     """Batched generation: one record per prompt, in input order, with finish reasons and token counts."""
     from .files import atomic_write_json, write_jsonl
@@ -160,6 +161,8 @@ def generate(
 
     if quantization not in ("none", "8bit", "4bit"):
         fail(f"--quantization must be none, 8bit or 4bit, not {quantization!r}")
+    if cpu_backend not in ("auto", "off"):
+        fail(f"--cpu-backend must be auto or off, not {cpu_backend!r}")
     if dtype not in get_args(DType):
         fail(f"--dtype must be {', '.join(get_args(DType))}, not {dtype!r}")
     if out.is_dir():
@@ -172,10 +175,11 @@ def generate(
                         allow_full_precision_fallback=allow_full_precision_fallback)
     decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                         stop_strings=stops)
-    engine = Engine(loaded.model, loaded.tokenizer, batch_size=batch_size, add_bos=add_bos)
+    engine = Engine(loaded.model, loaded.tokenizer, batch_size=batch_size, add_bos=add_bos, cpu_backend=cpu_backend)
     results = generate_records(engine, records, decoding)
     write_jsonl(out, results)
     provenance = {**loaded.provenance, "add_bos_token": add_bos, "decoding": decoding.as_dict(),
+                  "cpu_backend": engine.backend.as_dict(),
                   "batch_size": batch_size, "stats": engine.stats.as_dict()}
     atomic_write_json(Path(f"{out}.provenance.json"), provenance)
     console.print(f"wrote {len(results)} records to {out} ({engine.stats.tokens_per_s:.1f} tok/s)"

@@ -205,6 +205,9 @@ class SFTConfig(Section):
     """Fail if more than this share of examples is dropped by masking (unfindable boundary, too long)."""
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(5, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient's global norm (over every LoRA weight, all processes) to this before each
+    optimizer step, as DPO does; null: no clipping. training.json records the norm before clipping."""
     mixed_precision: MixedPrecision = "auto"
     """Autocast with fp32 weights and LoRA. auto: bf16 where the device computes it natively (a CUDA GPU
     with bf16, a CPU with AVX-512 BF16 or AMX), fp32 elsewhere; no; bf16 (also where emulated: slow).
@@ -253,10 +256,13 @@ class DPOConfig(Section):
     max_length: int = Field(256, ge=16)
     precompute_ref_log_probs: bool = True
     packing: bool = True
-    """Run TRL's forwards padding-free (each pair's prompt once, its chosen and rejected completions
-    after it, in rows) and project only completion tokens onto the vocabulary; same log-probs as
-    TRL's padded forward."""
+    """Run DPO's forwards padding-free. With the CPU backend: each pair's prompt once, its chosen and
+    rejected completions after it, in rows, and only completion tokens projected onto the vocabulary
+    (same log-probs as TRL's padded forward). Elsewhere: TRL's own padding_free (TRL 1.16 falls back
+    to padding; training.json records what TRL used)."""
     logging_steps: int = Field(5, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """As sft.max_grad_norm (TRL's max_grad_norm; null: no clipping)."""
     mixed_precision: MixedPrecision = "auto"
     """As sft.mixed_precision; both DPO runs resolve it alike (their parity check compares the result)."""
 
@@ -334,6 +340,12 @@ class PipelineConfig(Section):
     """Training curves (SFT and DPO) to TensorBoard event files in <run>/logs/, a local Trackio
     database, or Weights & Biases (see docs/tracking.md); the report plots them either way."""
     rounds: RoundsConfig = RoundsConfig()
+    cpu_backend: Literal["auto", "off"] = "auto"
+    """auto: on a CPU with whole (unsharded) weights, this project's own speed code for training and
+    generation (fused LoRA layers, PCG64 LoRA dropout, packed DPO forward, sliced LM head, our decode
+    loop; see cpu_backend.py); on CUDA or under DeepSpeed/FSDP, the libraries' own paths. off: the
+    libraries' paths everywhere. Recorded in training.json and the generation provenance; part of
+    every step's hash when off."""
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     baseline: BaselineConfig = BaselineConfig()
@@ -354,6 +366,8 @@ class PipelineConfig(Section):
         part = {n: dumped[n] for n in ("seed", "model", *names)}
         if self.data_seed is not None:  # (absent when unset, so that older runs keep their hashes)
             part["data_seed"] = self.data_seed
+        if self.cpu_backend != "auto":  # (likewise)
+            part["cpu_backend"] = self.cpu_backend
         return sha256_text(json.dumps(part, sort_keys=True))
 
     def data_hash(self, *names: str) -> str:
@@ -362,6 +376,8 @@ class PipelineConfig(Section):
         dumped = self.model_dump(mode="json")
         part = {n: dumped[n] for n in ("model", *names)}
         part["seed"] = self.data_seed_value
+        if self.cpu_backend != "auto":
+            part["cpu_backend"] = self.cpu_backend
         return sha256_text(json.dumps(part, sort_keys=True))
 
     def hash(self) -> str:

@@ -15,9 +15,9 @@ into batches of ``engine.batch_size``; batch ``j`` goes to process ``j % num_pro
 * each process's batches are exactly the batches a single process would have run (same prompts, same
   padding, same shapes), so **greedy outputs are identical whatever the number of processes** (tested
   byte for byte on CPU with 2 processes);
-* sampling (``temperature > 0``) reseeds per batch *within a call* (``seed * 100003 + local batch
-  index``), so a sampled run is deterministic for a given (seed, process count) but is a different
-  draw from the single-process one.
+* sampling (``temperature > 0``) draws each prompt with its own generator, seeded from the decoding's
+  seed and the prompt's position in the whole list (``engine.prompt_seed``), so a sampled run gives the
+  same outputs whatever the number of processes and the batch size (tested).
 
 With one process (no launcher) :func:`generate_sharded` is exactly ``engine.generate``.
 
@@ -125,7 +125,7 @@ def generate_sharded(engine: Engine, prompts: Sequence[str], decoding: Decoding,
     batches = length_batches([len(e) for e in encoded], engine.batch_size)
     mine = sorted(i for j in shard_indices(len(batches), nproc, pidx) for i in batches[j])
     before = GenerationStats(**vars(engine.stats))
-    local = engine.generate([prompts[i] for i in mine], decoding, progress) if mine else []
+    local = engine.generate([prompts[i] for i in mine], decoding, progress, indices=mine) if mine else []
     delta = {k: getattr(engine.stats, k) - getattr(before, k) for k in vars(before)}
     gathered = gather_object([("gen", i, g) for i, g in zip(mine, local, strict=True)] + [("stats", pidx, delta)])
     results: list[Generation | None] = [None] * len(prompts)
@@ -190,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"])
     parser.add_argument("--add-bos", action="store_true")
+    parser.add_argument("--cpu-backend", default="auto", choices=["auto", "off"])
     args = parser.parse_args(argv)
 
     from ..models.loading import load_model
@@ -199,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = "cpu" if state.device.type == "cpu" else str(state.device)
     loaded = load_model(args.model, quantization=args.quantization, dtype=args.dtype,
                         adapters=args.adapter, device=device)
-    engine = Engine(loaded.model, loaded.tokenizer, batch_size=args.batch_size, add_bos=args.add_bos)
+    engine = Engine(loaded.model, loaded.tokenizer, batch_size=args.batch_size, add_bos=args.add_bos,
+                    cpu_backend=args.cpu_backend)
     decoding = Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed)
     gens = generate_sharded(engine, prompts, decoding)

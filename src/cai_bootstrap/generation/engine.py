@@ -1,7 +1,13 @@
 """Batched generation: KV cache, left padding, batches of similar length, stop strings, progress.
 
 Prompts are tokenized as plain text (never through a chat template); BOS is prepended only when
-asked. Results come back in input order whatever the batching.
+asked. Results come back in input order whatever the batching. Two decoders give the same records:
+with the CPU backend (:mod:`cai_bootstrap.cpu_backend`) our own loop (a preallocated KV cache, the
+LM head in vocabulary slices, finished rows leaving the batch); elsewhere transformers' ``generate``.
+
+Sampling draws each prompt's tokens from its own generator, seeded from ``Decoding.seed`` and the
+prompt's position in the caller's list (:func:`prompt_seed`; sharded generation passes the global
+positions), so a sampled output depends on neither the batch it ran in nor the number of processes.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..cpu_backend import CPUBackend, Setting, choose
 from ..formats import STOP_STRINGS, first_stop
 
 
@@ -110,8 +117,16 @@ def _hits_stop(tokenizer, completion: Sequence[int], stops: Sequence[str], windo
     return any(s in tail for s in stops)
 
 
-def _pick(logits, decoding: Decoding, generator):
-    """Next token per row: argmax (greedy), or a temperature / nucleus (top-p) sample."""
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of the prompt at position ``index`` of a call with ``Decoding.seed`` ``seed``."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _pick(logits, decoding: Decoding, generators: Sequence):
+    """Next token per row: argmax (greedy), or a temperature / nucleus (top-p) sample drawn with the
+    row's own generator (``generators[row]``)."""
     import torch
 
     if decoding.greedy:
@@ -123,7 +138,19 @@ def _pick(logits, decoding: Decoding, generator):
         drop = sorted_probs.cumsum(-1) - sorted_probs >= decoding.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators, strict=True)])
+
+
+class _RowSampler:
+    """A transformers logits processor that samples each row with its own generator (``_pick``) and
+    leaves only that token possible, so ``generate``'s greedy step takes it."""
+
+    def __init__(self, decoding: Decoding, generators: Sequence):
+        self.decoding, self.generators = decoding, generators
+
+    def __call__(self, input_ids, scores):
+        tokens = _pick(scores, self.decoding, self.generators)
+        return scores.new_full(scores.shape, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
 
 
 def _fill_order(keep: Sequence[int], batch: int) -> list[int]:
@@ -237,9 +264,10 @@ def left_padded(rows: Sequence[Sequence[int]], pad: int, device):
 class Engine:
     """Generation over one loaded model. ``progress`` is called with (done_prompts, new_tokens).
 
-    Our own decode loop rather than ``model.generate``: a preallocated KV cache, and rows that
-    finish (EOS or a stop string) leave the batch at once, so the remaining rows stop paying for
-    them. Greedy output equals one-prompt-at-a-time output (tested).
+    With the CPU backend (``cpu_backend`` ``auto`` on a CPU) our own decode loop rather than
+    ``model.generate``: a preallocated KV cache, and rows that finish (EOS or a stop string) leave
+    the batch at once, so the remaining rows stop paying for them. Elsewhere ``model.generate``.
+    Greedy output equals one-prompt-at-a-time output either way (tested).
     """
 
     model: Any
@@ -247,15 +275,29 @@ class Engine:
     batch_size: int = 16
     add_bos: bool = False
     stats: GenerationStats = field(default_factory=GenerationStats)
+    cpu_backend: Setting = "auto"
+    backend: CPUBackend = field(init=False)
+
+    def __post_init__(self) -> None:
+        device = next(self.model.parameters()).device
+        self.backend = choose(self.cpu_backend, "cpu" if device.type == "cpu" else str(device))
 
     def generate(self, prompts: Sequence[str], decoding: Decoding,
-                 progress: Callable[[int, int], None] | None = None) -> list[Generation]:
+                 progress: Callable[[int, int], None] | None = None,
+                 indices: Sequence[int] | None = None) -> list[Generation]:
+        """Results in input order; ``indices``: the prompts' positions for their sampling seeds
+        (default: their positions in ``prompts``)."""
         encoded = encode_prompts(self.tokenizer, prompts, self.add_bos)
+        keys = list(range(len(prompts))) if indices is None else list(indices)
+        if len(keys) != len(prompts):
+            raise ValueError(f"{len(keys)} indices for {len(prompts)} prompts")
         results: list[Generation | None] = [None] * len(prompts)
         stops = tuple(decoding.stop_strings)
-        for b, batch in enumerate(length_batches([len(e) for e in encoded], self.batch_size)):
+        decode = self._decode if self.backend.used else self._decode_hf
+        for batch in length_batches([len(e) for e in encoded], self.batch_size):
             t0 = time.perf_counter()
-            completions = self._decode([encoded[i] for i in batch], decoding, seed=decoding.seed * 100003 + b)
+            completions = decode([encoded[i] for i in batch], decoding,
+                                 seeds=[prompt_seed(decoding.seed, keys[i]) for i in batch])
             elapsed = time.perf_counter() - t0
             new_tokens = 0
             for i, completion in zip(batch, completions, strict=True):
@@ -303,7 +345,37 @@ class Engine:
                 layer.place(slice(start, start + len(group)), filled.keys, filled.values, end=width)
         return cache, torch.cat(logits)
 
-    def _decode(self, rows: Sequence[Sequence[int]], decoding: Decoding, seed: int) -> list[list[int]]:
+    def _generators(self, seeds: Sequence[int], decoding: Decoding, device) -> list:
+        import torch
+
+        return [] if decoding.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def _decode_hf(self, rows: Sequence[Sequence[int]], decoding: Decoding, seeds: Sequence[int]) -> list[list[int]]:
+        """As :meth:`_decode`, with transformers' ``generate`` (greedy steps; a sample is drawn per
+        row by :class:`_RowSampler`). Each row is cut where our loop would stop it."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        device = next(self.model.parameters()).device
+        ids, attention, _ = left_padded(rows, self.tokenizer.pad_token_id, device)
+        eos, stops = _eos_ids(self.tokenizer), tuple(decoding.stop_strings)
+        config = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                                  stop_strings=list(stops) or None)
+        sampler = [] if decoding.greedy else [_RowSampler(decoding, self._generators(seeds, decoding, device))]
+        out = self.model.generate(input_ids=ids, attention_mask=attention, generation_config=config,
+                                  logits_processor=LogitsProcessorList(sampler), tokenizer=self.tokenizer)
+        window = max((len(s) for s in stops), default=0) + 2
+        completions = []
+        for row in out[:, ids.shape[1]:].tolist():
+            done: list[int] = []
+            for token in row:
+                done.append(token)
+                if token in eos or stops and _hits_stop(self.tokenizer, done, stops, window):
+                    break
+            completions.append(done)
+        return completions
+
+    def _decode(self, rows: Sequence[Sequence[int]], decoding: Decoding, seeds: Sequence[int]) -> list[list[int]]:
         """Completion ids per row (an EOS that ended a row included), from one left-padded batch."""
         import torch
 
@@ -313,7 +385,7 @@ class Engine:
         width = max(len(r) for r in rows)
         _, attention, _ = left_padded(rows, self.tokenizer.pad_token_id, device)  # grows a column per step
         next_position = torch.tensor([[len(r)] for r in rows], device=device)
-        generator = None if decoding.greedy else torch.Generator(device=device).manual_seed(seed)
+        generators = self._generators(seeds, decoding, device)
         eos = _eos_ids(self.tokenizer)
         stops = tuple(decoding.stop_strings)
         window = max((len(s) for s in stops), default=0) + 2
@@ -322,7 +394,7 @@ class Engine:
         with torch.inference_mode(), sliced_lm_head(self.model):
             cache, logits = self._prefill(rows, width + decoding.max_new_tokens, device)
             for step in range(decoding.max_new_tokens):
-                tokens = _pick(logits, decoding, generator)
+                tokens = _pick(logits, decoding, [generators[r] for r in live] if generators else [])
                 keep = []
                 for slot, token in enumerate(tokens.tolist()):
                     done = completions[live[slot]]

@@ -37,6 +37,7 @@ class LaunchModel:
     allow_full_precision_fallback: bool = False
     batch_size: int = 16
     add_bos: bool = False
+    cpu_backend: str = "auto"  # each launched process decides for its own device (cpu_backend.py)
 
 
 def decoding_from_dict(d: dict[str, Any]) -> Decoding:
@@ -50,7 +51,8 @@ class LaunchedEngine:
     ``accelerate launch`` with ``accelerate_config``; one launch (one model load per process) per call.
 
     After a call, ``loaded`` holds what process 0 reported: ``provenance`` (as ``LoadedModel.provenance``),
-    ``fingerprint``, ``processes`` and ``gpu_peak_mb`` (the busiest GPU's peak allocation; None off CUDA).
+    ``fingerprint``, ``processes``, ``gpu_peak_mb`` (the busiest GPU's peak allocation; None off CUDA)
+    and ``cpu_backend`` (process 0's decision).
     """
 
     model: LaunchModel
@@ -79,7 +81,7 @@ class LaunchedEngine:
         finally:
             request.unlink()
             result.unlink(missing_ok=True)
-        self.loaded = {k: out[k] for k in ("provenance", "fingerprint", "processes", "gpu_peak_mb")}
+        self.loaded = {k: out[k] for k in ("provenance", "fingerprint", "processes", "gpu_peak_mb", "cpu_backend")}
         for k, v in out["stats"].items():
             setattr(self.stats, k, getattr(self.stats, k) + v)
         gens = [[Generation(**g) for g in job] for job in out["jobs"]]
@@ -118,13 +120,15 @@ def _generate(request: Path, result: Path) -> int:
     device = "cpu" if state.device.type == "cpu" else str(state.device)
     loaded = load_model(m.spec, quantization=m.quantization, dtype=m.dtype, adapters=list(m.adapters),
                         allow_full_precision_fallback=m.allow_full_precision_fallback, device=device)
-    engine = Engine(loaded.model, loaded.tokenizer, batch_size=m.batch_size, add_bos=m.add_bos)
+    engine = Engine(loaded.model, loaded.tokenizer, batch_size=m.batch_size, add_bos=m.add_bos,
+                    cpu_backend=m.cpu_backend)
     jobs = [generate_sharded(engine, job["prompts"], decoding_from_dict(job["decoding"])) for job in req["jobs"]]
     gpu_peaks = _gathered(state, _gpu_peak_mb(state.device))
     if state.is_main_process:
         atomic_write_json(result, {
             "processes": state.num_processes, "provenance": loaded.provenance, "fingerprint": fingerprint(loaded.model),
             "gpu_peak_mb": max((p for p in gpu_peaks if p is not None), default=None),
+            "cpu_backend": engine.backend.as_dict(),
             "stats": vars(engine.stats), "jobs": [[asdict(g) for g in gens] for gens in jobs]})
     state.wait_for_everyone()
     if state.num_processes > 1:

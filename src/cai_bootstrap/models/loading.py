@@ -207,10 +207,15 @@ def load_model(
     return LoadedModel(model, tok, resolved, prov)
 
 
-def fingerprint(model, sample: int = 65536, gather=None) -> str:
-    """A hash of the weights the model actually holds: name, shape, dtype and a strided sample of
-    values per tensor (full tensors up to ``sample`` elements). Any merged adapter or in-place edit of
-    a weight matrix changes it; hashing a strided sample keeps it fast for 30B-parameter models.
+SUM_CHUNK = 1 << 22  # elements summed in float64 at a time: 32 MB of temporary, whatever the tensor
+
+
+def fingerprint(model, sample: int = 65536, gather=None, chunk: int = SUM_CHUNK) -> str:
+    """A hash of the weights the model actually holds: name, shape, dtype, a strided sample of
+    values per tensor (full tensors up to ``sample`` elements) and the float64 sum of all its values.
+    Any merged adapter or in-place edit of a weight matrix changes it; hashing a strided sample keeps
+    it fast for 30B-parameter models, and the sum is taken ``chunk`` elements at a time, so no
+    tensor is ever copied whole (Qwen2.5-32B's embedding in float64 would be 6 GB).
 
     ``gather(tensor)``: a context in which a sharded tensor is whole (ZeRO-3 gathers one weight at a
     time, so the full weights are never all in memory at once).
@@ -223,11 +228,21 @@ def fingerprint(model, sample: int = 65536, gather=None) -> str:
     with torch.no_grad():
         for name, t in sorted(model.state_dict(keep_vars=True).items()):
             with gather(t) if gather is not None else contextlib.nullcontext():
-                _hash_tensor(h, name, t.detach(), sample)
+                _hash_tensor(h, name, t.detach(), sample, chunk)
     return h.hexdigest()[:16]
 
 
-def _hash_tensor(h, name: str, t, sample: int) -> None:
+def _chunked_sum(flat, chunk: int) -> float:
+    """The float64 sum of a 1-D tensor, ``chunk`` elements converted at a time (a fixed order)."""
+    import torch
+
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        total += flat[start:start + chunk].sum(dtype=torch.float64)
+    return float(total)
+
+
+def _hash_tensor(h, name: str, t, sample: int, chunk: int) -> None:
     import torch
 
     h.update(name.encode())
@@ -241,7 +256,7 @@ def _hash_tensor(h, name: str, t, sample: int) -> None:
         data = data.view(torch.int16)
     h.update(data.numpy().tobytes())
     if t.is_floating_point():
-        h.update(repr(float(t.double().sum())).encode())
+        h.update(repr(_chunked_sum(t.reshape(-1), chunk)).encode())
 
 
 def free(loaded: LoadedModel | None) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..console import console
+from ..cpu_backend import choose, strategy_of_config
+from ..models.loading import default_device
 from ..run import Run
 from ..schemas import PreferencePair, load_jsonl
 from ..training.dpo import TRAINING_JSON, check_parity, train_dpo
@@ -45,7 +47,8 @@ def train_dpo_here(run: Run, init: str) -> None:
               quantization=m.train_quantization, dtype=m.dtype, add_bos=m.add_bos_token, cache_dir=run.path(REF_CACHE),
               reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"),
               reference_processes=reference.get("num_processes"), tracking=config.tracking,
-              log_dir=run.path(f"{LOGS}/{STEP_NAMES[init]}"), run_name=tracking_name(run.dir, STEP_NAMES[init]))
+              log_dir=run.path(f"{LOGS}/{STEP_NAMES[init]}"), run_name=tracking_name(run.dir, STEP_NAMES[init]),
+              cpu_backend=config.cpu_backend)
 
 
 def run_dpo(run: Run, init: str, force: bool = False, accelerate_config: Path | None = None) -> bool:
@@ -64,7 +67,8 @@ def run_dpo(run: Run, init: str, force: bool = False, accelerate_config: Path | 
             train_dpo_here(run, init)
         else:
             # fail here, with the differences, rather than in every launched process
-            check_parity(config.dpo, out_dir=run.path(out), seed=config.seed,
+            backend = choose(config.cpu_backend, default_device(), strategy_of_config(accelerate_config))
+            check_parity(config.dpo, out_dir=run.path(out), seed=config.seed, backend=backend,
                          reference_args=reference.get("trainer_args"), reference_lora=reference.get("lora_args"),
                          tracking=config.tracking, run_name=tracking_name(run.dir, name))
             launch(f"dpo-{init}", run.dir, accelerate_config)

@@ -74,14 +74,15 @@ class Generator:
                             "lora": self.engine.lora is not None}
         elif accelerate_config is not None:
             self.engine = LaunchedEngine(LaunchModel(self.spec, tuple(self.adapters), m.generation_quantization, m.dtype,
-                                                     m.allow_full_precision_fallback, batch_size, m.add_bos_token),
+                                                     m.allow_full_precision_fallback, batch_size, m.add_bos_token,
+                                                     config.cpu_backend),
                                          Path(accelerate_config), self.work_dir)
             self.runtime = {"backend": "hf", "accelerate_config": str(accelerate_config)}
         else:
             self.loaded = self._load()
             self.engine = Engine(self.loaded.model, self.loaded.tokenizer, batch_size=batch_size,
-                                 add_bos=m.add_bos_token)
-            self.runtime = {"backend": "hf", "processes": 1}
+                                 add_bos=m.add_bos_token, cpu_backend=config.cpu_backend)
+            self.runtime = {"backend": "hf", "processes": 1, "cpu_backend": self.engine.backend.as_dict()}
 
     def _vllm_engine(self) -> VLLMEngine:
         # The HF load gives the fingerprint (isolation checks compare it with HF-loaded base weights):
@@ -115,6 +116,7 @@ class Generator:
             if isinstance(self.engine, LaunchedEngine):
                 gens = self.engine.generate_many(jobs, progress)
                 self.runtime["processes"] = self.engine.loaded["processes"]
+                self.runtime["cpu_backend"] = self.engine.loaded["cpu_backend"]
                 self.launched_gpu_peak_mb = self.engine.loaded["gpu_peak_mb"]
                 return gens
             return [self.engine.generate(p, d, progress) for p, d in jobs]

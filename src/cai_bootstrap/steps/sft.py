@@ -27,7 +27,8 @@ def train_sft_here(run: Run, resume: bool) -> dict:
     result = train_sft(m.base, examples, config.sft, out_dir=run.path(SFT_DIR), seed=config.seed,
                        quantization=m.train_quantization, allow_full_precision_fallback=m.allow_full_precision_fallback,
                        dtype=m.dtype, add_bos=m.add_bos_token, resume=resume, tracking=config.tracking,
-                       log_dir=run.path(f"{LOGS}/sft"), run_name=tracking_name(run.dir, "sft"))
+                       log_dir=run.path(f"{LOGS}/sft"), run_name=tracking_name(run.dir, "sft"),
+                       cpu_backend=config.cpu_backend)
     return result.metrics
 
 

@@ -25,10 +25,9 @@ STEPS = ("sft", "dpo-sft", "dpo-base")
 def check_accumulation(accelerate_config: Path, section: str, steps: int) -> None:
     """Refuse gradient accumulation under DeepSpeed before any process starts: the SFT loop accumulates
     by hand, and DeepSpeed's engine steps the optimizer after every backward (training/sft.py)."""
-    import yaml
+    from ..cpu_backend import strategy_of_config
 
-    kind = (yaml.safe_load(accelerate_config.read_text(encoding="utf-8")) or {}).get("distributed_type")
-    if kind == "DEEPSPEED" and steps != 1:
+    if strategy_of_config(accelerate_config) == "deepspeed" and steps != 1:
         raise StepFailed(f"{section}.gradient_accumulation_steps is {steps}; under DeepSpeed ({accelerate_config}) "
                          f"keep it 1 and raise {section}.batch_size or the number of GPUs instead")
 

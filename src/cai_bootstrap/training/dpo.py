@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import DPOConfig
+from ..cpu_backend import CPUBackend, Setting
 from ..files import atomic_save_folder, atomic_write_bytes, atomic_write_json, sha256_path, sha256_text
 from ..schemas import PreferencePair
 from . import tracking as tracking_mod
@@ -127,16 +128,22 @@ def mixed_precision(cfg: DPOConfig) -> tuple[str, str]:
 
 
 def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int, tracking: str = "none",
-                      run_name: str | None = None) -> dict[str, Any]:
+                      run_name: str | None = None, backend: CPUBackend | None = None) -> dict[str, Any]:
     """The keyword arguments of TRL's ``DPOConfig`` for one run: the one place they are built.
 
     Only ``output_dir`` and ``run_name`` depend on the run; the device decides ``use_cpu``, and with
     ``cfg.mixed_precision`` ``bf16`` (autocast); ``tracking`` is TRL's ``report_to`` (training curves,
-    :mod:`.tracking`). JSON-serialisable, so ``training.json`` records exactly what was used.
+    :mod:`.tracking`). Without the CPU backend (``backend``, by default
+    :func:`cai_bootstrap.cpu_backend.for_this_process` of ``auto``) ``dpo.packing`` asks TRL for its own
+    ``padding_free`` and Liger's kernels are used where installed (CUDA). JSON-serialisable, so
+    ``training.json`` records exactly what was used.
     """
+    from ..cpu_backend import for_this_process, liger_kernel_available
     from ..models.loading import default_device
 
-    cuda = default_device() == "cuda"
+    device = default_device()
+    cuda = device == "cuda"
+    libraries = not (backend or for_this_process("auto")).used
     precision, _ = mixed_precision(cfg)
     return {
         "output_dir": str(out_dir),
@@ -152,6 +159,8 @@ def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int, tracking: str
         "precompute_ref_batch_size": cfg.batch_size,
         "disable_dropout": True,
         "pad_to_multiple_of": None,
+        "padding_free": cfg.packing and libraries,  # with the CPU backend, packing is ours (training/packing.py)
+        "use_liger_kernel": libraries and liger_kernel_available(device),
         # optimisation
         "learning_rate": cfg.learning_rate,
         "num_train_epochs": cfg.epochs,
@@ -162,7 +171,7 @@ def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int, tracking: str
         "warmup_steps": cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         "lr_scheduler_type": "cosine",
         "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
+        "max_grad_norm": cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0,  # 0: no clipping
         "optim": "adamw_torch",
         "activation_checkpointing": False,  # transformers 5 name of gradient_checkpointing (TRL's default: on)
         # precision and device
@@ -233,10 +242,11 @@ def check_parity(
     processes: int | None = None,
     tracking: str = "none",
     run_name: str | None = None,
+    backend: CPUBackend | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """This run's (trainer arguments, LoRA arguments); :class:`ParityError` if they, or the process
     count (which multiplies the global batch), differ from the first run's."""
-    args = trainer_arguments(cfg, out_dir=out_dir, seed=seed, tracking=tracking, run_name=run_name)
+    args = trainer_arguments(cfg, out_dir=out_dir, seed=seed, tracking=tracking, run_name=run_name, backend=backend)
     lora = lora_arguments(cfg)
     diffs: list[str] = []
     if reference_args is not None:
@@ -476,6 +486,7 @@ def _trainer_class():
     from trl import DPOTrainer
 
     from .fused_lora import use_fused_lora
+    from .packing import install_packed_lm_head
 
     class LogLastStep(TrainerCallback):
         """Log at the last step too, so the final reward accuracy and margin are recorded."""
@@ -486,22 +497,30 @@ def _trainer_class():
             return control
 
     class CachedRefDPOTrainer(DPOTrainer):
-        """TRL's DPOTrainer with our data checks and an on-disk reference log-probability cache."""
+        """TRL's DPOTrainer with our data checks and an on-disk reference log-probability cache, and
+        with the CPU backend (``cpu_backend.used``): fused LoRA layers and the packed forward."""
 
-        def __init__(self, *args, data_policy: _DataPolicy, ref_cache: _RefCache, packing: bool, **kwargs):
+        def __init__(self, *args, data_policy: _DataPolicy, ref_cache: _RefCache, packing: bool,
+                     cpu_backend: CPUBackend, **kwargs):
             self.data_policy = data_policy
             self.ref_cache = ref_cache
-            self.packing = packing
+            self.cpu_backend = cpu_backend
+            self.packing = packing and cpu_backend.used
             self.packed = False
             self.ref_forward_batches = 0
             kwargs.setdefault("callbacks", []).append(LogLastStep())
             super().__init__(*args, **kwargs)
-            self.fused_lora_layers = use_fused_lora(self.model)
+            self.fused_lora_layers = use_fused_lora(self.model) if self._whole_weights() else 0
             # With tqdm off (not a terminal) transformers prints every log dict; the history is
             # kept in training.json and the step prints its own summary.
             from transformers.trainer_callback import PrinterCallback
 
             self.remove_callback(PrinterCallback)
+
+        def _whole_weights(self) -> bool:
+            """The CPU backend reads whole weights: never under DeepSpeed or FSDP (sharded), whatever
+            the backend decided from the environment."""
+            return self.cpu_backend.used and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             n_in = len(dataset)
@@ -513,11 +532,9 @@ def _trainer_class():
             (training/packing.py) installed on first use; None when packing is off or unsupported."""
             from peft import PeftModel
 
-            from .packing import install_packed_lm_head
-
             model = self.accelerator.unwrap_model(self.model)
             model = model.get_base_model() if isinstance(model, PeftModel) else model
-            if self.packing and not self.packed:
+            if self.packing and not self.packed and self._whole_weights():
                 fields = ("log_probs", "entropy", "mean_logits", "is_top1") + (
                     ("log_sum_sq_probs",) if self.use_weighting else ())
                 self.packed = install_packed_lm_head(model, fields)
@@ -645,6 +662,7 @@ def build_trainer(
     add_bos: bool = False,
     cache_dir: str | Path | None = None,
     trainer_args: dict[str, Any] | None = None,
+    cpu_backend: Setting = "auto",
 ) -> DPOSetup:
     """Load the starting model, wrap it with TRL's DPOTrainer and a fresh LoRA; reference log-probs
     are precomputed (or loaded from the cache) here, before any training step."""
@@ -663,7 +681,11 @@ def build_trainer(
     if not pairs:
         raise DPODataError("no preference pairs")
     out_dir = Path(out_dir)
-    args = trainer_args if trainer_args is not None else trainer_arguments(cfg, out_dir=out_dir, seed=seed)
+    from ..cpu_backend import for_this_process
+
+    backend = for_this_process(cpu_backend)
+    args = trainer_args if trainer_args is not None else trainer_arguments(cfg, out_dir=out_dir, seed=seed,
+                                                                           backend=backend)
     lora = lora_arguments(cfg)
 
     with _quiet():
@@ -707,6 +729,7 @@ def build_trainer(
             data_policy=policy,
             ref_cache=cache,
             packing=cfg.packing,
+            cpu_backend=backend,
         )
     return DPOSetup(trainer, args, lora, provenance)
 
@@ -737,6 +760,7 @@ def train_dpo(
     tracking: str = "none",
     log_dir: str | Path | None = None,
     run_name: str | None = None,
+    cpu_backend: Setting = "auto",
 ) -> DPOResult:
     """Train one DPO run; save the adapter and ``training.json`` in ``out_dir``.
 
@@ -753,10 +777,13 @@ def train_dpo(
     import transformers
     import trl
 
+    from ..cpu_backend import for_this_process
+
     out_dir = Path(out_dir)
     args, lora = check_parity(cfg, out_dir=out_dir, seed=seed, reference_args=reference_args,
                               reference_lora=reference_lora, reference_processes=reference_processes,
-                              processes=launched_processes(), tracking=tracking, run_name=run_name)
+                              processes=launched_processes(), tracking=tracking, run_name=run_name,
+                              backend=for_this_process(cpu_backend))
     if tracking != "none" and log_dir is None:
         raise ValueError(f"tracking: {tracking} needs a log_dir")
     if tracking != "none" and int(os.environ.get("RANK", "0")) == 0:
@@ -767,6 +794,7 @@ def train_dpo(
         setup = build_trainer(
             init, model_spec, pairs, cfg, out_dir=out_dir, seed=seed, sft_adapter=sft_adapter,
             quantization=quantization, dtype=dtype, add_bos=add_bos, cache_dir=cache_dir, trainer_args=args,
+            cpu_backend=cpu_backend,
         )
         trainer = setup.trainer
         with _quiet():
@@ -823,6 +851,9 @@ def train_dpo(
         "lora_dropout_effective": 0.0,  # TRL's disable_dropout=True zeroes every nn.Dropout, LoRA's included
         "lora_layers": (f"training.fused_lora ({trainer.fused_lora_layers} layers)" if trainer.fused_lora_layers
                         else "peft"),
+        "cpu_backend": {"setting": cpu_backend, **trainer.cpu_backend.as_dict()},
+        "forward": ("training.packing (prompt trees, training.token_logprobs)" if trainer.packed
+                    else f"trl (padding_free {trainer.padding_free}, use_liger_kernel {trainer.args.use_liger_kernel})"),
         "resolved_trainer_arguments": json.loads(json.dumps(trainer.args.to_dict(), default=str)),
         "tokenization": {
             "chat_template": False,

@@ -32,7 +32,9 @@ Read top to bottom, :func:`train_sft` does what a torchtune recipe does, in the 
    ``warmup = ceil(warmup_ratio * total_steps)``; ``total_steps = max_steps`` or
    ``ceil(epochs * steps_per_epoch)``. The scheduler is stepped once per optimizer step (the
    accelerator is built with ``step_scheduler_with_optimizer=False`` so it never steps it
-   ``num_processes`` times). No gradient clipping (the config has no such option).
+   ``num_processes`` times). Before each optimizer step the gradient's global norm is clipped to
+   ``max_grad_norm`` (``accelerator.clip_grad_norm_``, after the window's all-reduce; DeepSpeed clips
+   in its engine with the same value), as TRL does for DPO; ``None``: no clipping.
 6. **Checkpoints.** Every ``save_steps`` optimizer steps, ``accelerator.save_state`` writes
    ``out_dir/checkpoints/step-N/``: the adapter only (``adapter/``; a save hook drops the frozen base
    weights from the state), the optimizer, the scheduler, every process's RNG states (python, numpy,
@@ -49,6 +51,8 @@ Read top to bottom, :func:`train_sft` does what a torchtune recipe does, in the 
    main process writes.
 
 It runs unchanged under ``accelerate launch --num_processes K`` (``batch_size`` is then per process).
+On a CPU with whole weights the LoRA layers and their dropout come from the CPU backend
+(:mod:`cai_bootstrap.cpu_backend`); elsewhere they are PEFT's and torch's.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_mod
+from .. import cpu_backend as cpu_backend_mod
 from ..console import console
 from ..files import atomic_save_folder, atomic_write_json, sha256_text
 from ..models.loading import default_device, fingerprint, load_model, load_tokenizer, resolve
@@ -333,8 +338,8 @@ def _register_adapter_hooks(accelerator) -> None:
 def _configure_deepspeed(accelerator, cfg: config_mod.SFTConfig) -> None:
     """Fill what accelerate would take from a DataLoader, which this loop does not prepare: the
     micro-batch is ``batch_size``. Accumulation must stay 1 (this loop accumulates by hand, while
-    DeepSpeed's engine steps after every backward), and no gradient clipping, as on the other
-    backends (accelerate would turn DeepSpeed's "auto" into 1.0)."""
+    DeepSpeed's engine steps after every backward), and DeepSpeed clips gradients to
+    ``max_grad_norm`` in its engine (0: none), as the loop does on the other backends."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
@@ -344,7 +349,7 @@ def _configure_deepspeed(accelerator, cfg: config_mod.SFTConfig) -> None:
     ds = plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = 0.0
+        ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
 
 
 def _base_fingerprint(model, accelerator) -> str:
@@ -391,6 +396,7 @@ def train_sft(
     tracking: str = "none",
     log_dir: Path | None = None,
     run_name: str = "sft",
+    cpu_backend: cpu_backend_mod.Setting = "auto",
 ) -> SFTResult:
     """Train a LoRA adapter on (prompt, response) examples; save it and ``training.json`` to out_dir.
 
@@ -398,7 +404,8 @@ def train_sft(
     hyperparameters (the config plus resolved values: processes, global batch, steps, warmup), seed,
     add_bos, dtype, mixed_precision (setting, used, reason), examples (given, kept, dropped by reason,
     train, eval), history (one entry per ``logging_steps``: step, epoch, loss = token-mean over the
-    steps since the previous entry, lr, tokens_per_s, supervised_tokens_per_s), eval_history (eval
+    steps since the previous entry, lr, grad_norm = the last step's norm before clipping,
+    tokens_per_s, supervised_tokens_per_s), cpu_backend (used, reason), eval_history (eval
     loss at each checkpoint), final_train_loss (the last history entry's loss), eval_loss (at the
     end), tokens, tokens_per_s, supervised_tokens_per_s and wall_time_s (of this invocation),
     resumed_from_step, checkpoints, quantization and base_provenance (what load_model did), versions.
@@ -412,8 +419,6 @@ def train_sft(
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import get_cosine_schedule_with_warmup
-
-    from . import fused_lora, lora_dropout
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -429,6 +434,7 @@ def train_sft(
     AcceleratorState._reset_state()
     accelerator = Accelerator(step_scheduler_with_optimizer=False, cpu=device == "cpu", mixed_precision=precision)
     _configure_deepspeed(accelerator, cfg)
+    backend = cpu_backend_mod.for_this_process(cpu_backend)
     main = accelerator.is_main_process
     nproc, pidx = accelerator.num_processes, accelerator.process_index
 
@@ -462,8 +468,7 @@ def train_sft(
                              task_type="CAUSAL_LM")
     set_seed(seed)  # the adapter's initial weights depend on the seed only
     model = get_peft_model(model, lora_config)
-    fast_dropout = lora_dropout.use_fast_lora_dropout(model)
-    fused_layers = fused_lora.use_fused_lora(model)
+    fast_dropout, fused_layers = cpu_backend_mod.use_lora_layers(model) if backend.used else (0, 0)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -478,7 +483,7 @@ def train_sft(
         "base_fingerprint": base_fingerprint, "seed": seed,
         "cfg": cfg.model_dump(mode="json", exclude={"save_steps", "logging_steps"}),
         "processes": nproc, "dtype": dtype, "mixed_precision": precision, "quantization": prov["quantization"],
-        "add_bos": add_bos,
+        "add_bos": add_bos, "cpu_backend": backend.used,
         "train": [(e.input_ids, e.labels) for e in train], "eval": [(e.input_ids, e.labels) for e in held_out],
     }, sort_keys=True))[:16]
 
@@ -532,6 +537,8 @@ def train_sft(
                            for idx in mine]
                 filler = _collate(collator, train, micro[0][:1], accelerator.device) if None in mine else None
                 stats = train_window(model, batches, accelerator, filler)
+                grad_norm = (accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                             if cfg.max_grad_norm is not None else None)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -548,6 +555,7 @@ def train_sft(
                         "epoch": round(step / spe, 4),
                         "loss": window["loss_sum"] / max(window["supervised_tokens"], 1),
                         "lr": lr,
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
                         "tokens_per_s": window["tokens"] / elapsed,
                         "supervised_tokens_per_s": window["supervised_tokens"] / elapsed,
                     }
@@ -600,6 +608,7 @@ def train_sft(
         "add_bos": add_bos,
         "dtype": dtype,
         "mixed_precision": {"setting": cfg.mixed_precision, "used": precision, "reason": precision_reason},
+        "cpu_backend": {"setting": cpu_backend, **backend.as_dict()},
         "examples": {"given": len(examples), "kept": len(encoded), "dropped": drops,
                      "train": len(train), "eval": len(held_out)},
         "history": history,
