@@ -8,7 +8,7 @@ CONFIG ?= configs/quick.yaml
 RUN_DIR ?= runs/quick
 VLLM_PACKAGE ?= vllm
 
-.PHONY: setup setup-vllm demo test test-fast test-vllm bench clean
+.PHONY: setup setup-vllm demo test test-fast test-vllm bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ bench: setup
 	$(BIN)/python bench/training.py --steps 4
 	$(BIN)/python bench/evaluation.py
 	$(BIN)/python bench/matmul.py
+
+# On one CUDA GPU: the bf16 pipeline, vLLM generation and DeepSpeed ZeRO-3 training, a PASS/FAIL line
+# each (scripts/gpu_check.sh; refuses without a GPU). GPU_CHECK_ARGS="--only bf16" etc.
+gpu-check: setup
+	scripts/gpu_check.sh --python $(BIN)/python $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
