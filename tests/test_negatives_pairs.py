@@ -1,5 +1,5 @@
-"""Rule-built negatives (each kind has the property that makes it a negative) and pair assembly
-(the realised mix follows the weights exactly; shortfalls are reported)."""
+"""Rule-built negatives (each kind has the property that makes it a negative) and the plan of the
+synthetic share (the realised mix follows the weights exactly; shortfalls are reported)."""
 
 from __future__ import annotations
 
@@ -23,16 +23,10 @@ from cai_bootstrap.data.negatives import (
     build_negative,
     constraint_violations,
 )
-from cai_bootstrap.data.pairs import (
-    allocate,
-    assign_kinds,
-    build_pairs,
-    plan_kinds,
-    realised_mix,
-)
+from cai_bootstrap.data.pairs import allocate, plan_kinds
 from cai_bootstrap.formats import END_SUFFIX, completion_for, prompt_for
 from cai_bootstrap.quality import is_refusal, matches_reference, topic_overlap
-from cai_bootstrap.schemas import NEGATIVE_TYPES, InstructionRecord, NegativeRecord, PreferencePair
+from cai_bootstrap.schemas import InstructionRecord
 
 
 def rec(id, instruction, category="open", refs=(), constraints=(), template=None):
@@ -216,14 +210,11 @@ def test_structural_format_violations():
             assert not text.endswith((".", "!", "?"))
         elif sub == "missing_end":
             assert completion == " " + chosen
-        elif sub == "ramble_after_end":
-            assert completion.startswith(completion_for(chosen) + "\nInstruction: ")
-            assert "\nResponse: " in completion
         elif sub == "ramble_no_end":
             assert completion.startswith(f" {chosen}\nInstruction: ") and "\nEND" not in completion
         else:
             pytest.fail(f"unexpected sub-kind {how}")
-    assert subs == {"truncated", "missing_end", "ramble_after_end", "ramble_no_end"}
+    assert subs == {"truncated", "missing_end", "ramble_no_end"}  # only endings generation can reach
 
 
 def test_incorrect_fact_sibling_answer():
@@ -369,149 +360,66 @@ def test_allocate_is_exact_largest_remainder(n, weights):
 
 
 # --------------------------------------------------------------------------------------------
-# pairs
+# the rule-built kinds of the synthetic share
 
 TOPICS = ("volcanoes penguins bicycles gardens glaciers lighthouses violins deserts rainbows tigers "
           "satellites bakeries castles rivers telescopes orchards pyramids submarines meadows comets").split()
 WEIGHTS = {"refusal": 2, "format_violation": 1, "incorrect_fact": 1, "off_topic": 0, "verbose_vague": 1}
-RAW = " I think that is a good question. Let me tell you a story about something else\nInstruction: more"
 
 
 def synthetic(n, ref_every=2):
-    items, chosen = [], {}
+    items = []
     for k in range(n):
         if k % ref_every == 0:
             a, b = k % 50, k // 50 + 1
-            item = rec(f"s{k:04d}", f"What is {a} plus {b}? ({k})", "qa", [str(a + b)], template="qa-plus")
-            chosen[item.id] = (f"{a} plus {b} is {a + b}.", "sft_model" if k % 3 else "sft_data")
+            items.append(rec(f"s{k:04d}", f"What is {a} plus {b}? ({k})", "qa", [str(a + b)], template="qa-plus"))
         else:
             topic = TOPICS[k % len(TOPICS)]
-            item = rec(f"s{k:04d}", f"Write a sentence about {topic} (variant {k}).", "open", template=f"open-{topic}")
-            chosen[item.id] = (f"{topic.capitalize()} are fascinating to learn about, in case {k}.", "sft_model")
-        items.append(item)
-    return items, chosen
-
-
-@pytest.fixture(scope="module")
-def thousand():
-    items, chosen = synthetic(1000)
-    raw = {i.id: RAW for i in items}
-    return items, chosen, raw, build_pairs(items, chosen, raw, WEIGHTS, 0.25, seed=7)
-
-
-def test_realised_mix_matches_allocation_exactly(thousand):
-    items, chosen, raw, result = thousand
-    pairs, negatives, dropped = result
-    assert not dropped and not result.plan.shortfall
-    expected = {"on_policy": 250, **allocate(750, WEIGHTS)}
-    assert realised_mix(pairs) == {k: expected.get(k, 0) for k in NEGATIVE_TYPES}
-    assert realised_mix(pairs) == {"refusal": 300, "format_violation": 150, "incorrect_fact": 150,
-                                   "off_topic": 0, "verbose_vague": 150, "on_policy": 250}
-    assert len(negatives) == len(pairs) == 1000
-
-
-def test_pairs_are_valid_and_consistent(thousand):
-    items, chosen, raw, (pairs, negatives, _) = thousand
-    by_id = {i.id: i for i in items}
-    assert [p.instruction_id for p in pairs] == [i.id for i in items]  # input order
-    for p, n in zip(pairs, negatives):
-        assert PreferencePair.model_validate(p.model_dump()) == p
-        assert NegativeRecord.model_validate(n.model_dump()) == n
-        item = by_id[p.instruction_id]
-        assert p.id == f"pair-{item.id}" and n.id == f"neg-{item.id}"
-        assert p.prompt == n.prompt == prompt_for(item.instruction)
-        assert p.chosen == completion_for(chosen[item.id][0]) and p.chosen_source == chosen[item.id][1]
-        assert p.rejected == n.response and p.rejected.strip() != p.chosen.strip()
-        assert p.negative_type == n.negative_type and p.margin is None and p.confident is None
-        assert "\\n" not in p.rejected
-        if p.negative_type == "on_policy":
-            assert p.rejected == RAW  # exactly as generated
-        if p.negative_type == "incorrect_fact":
-            assert item.reference_answers and not matches_reference(body(p.rejected), item.reference_answers)
-
-
-def test_determinism_by_seed(thousand):
-    items, chosen, raw, (pairs, negatives, _) = thousand
-    subset = items[:200]
-    again = build_pairs(subset, chosen, raw, WEIGHTS, 0.25, seed=7)
-    assert again.plan == build_pairs(subset, chosen, raw, WEIGHTS, 0.25, seed=7).plan
-    again2 = build_pairs(subset, chosen, raw, WEIGHTS, 0.25, seed=7)
-    assert [p.model_dump() for p in again.pairs] == [p.model_dump() for p in again2.pairs]
-    other = build_pairs(subset, chosen, raw, WEIGHTS, 0.25, seed=8)
-    assert other.plan.assignment != again.plan.assignment
-    assert realised_mix(other.pairs) == realised_mix(again.pairs)  # same counts, other members
-
-
-def test_shortfall_when_few_items_have_references():
-    items, chosen = synthetic(100, ref_every=20)  # 5 items with references
-    weights = dict.fromkeys(NEGATIVE_KINDS, 1.0)
-    result = build_pairs(items, chosen, {}, weights, 0.25, seed=0)
-    plan = result.plan
-    assert plan.targets["incorrect_fact"] == 20 and plan.targets["on_policy"] == 25
-    assert plan.shortfall == {"on_policy": 25, "incorrect_fact": 15}
-    # no on-policy completions at all: the 100 items are rule-built; incorrect_fact takes all 5, the
-    # other 95 follow the other weights exactly
-    assert realised_mix(result.pairs) == {
-        "refusal": 24, "format_violation": 24, "incorrect_fact": 5, "off_topic": 24, "verbose_vague": 23,
-        "on_policy": 0,
-    }
-    assert allocate(95, {k: 1.0 for k in NEGATIVE_KINDS if k != "incorrect_fact"}) == {
-        "refusal": 24, "format_violation": 24, "off_topic": 24, "verbose_vague": 23}
-    assert not result.dropped
-
-
-def test_swap_keeps_reference_items_for_incorrect_fact():
-    items, _ = synthetic(40, ref_every=4)  # 10 with references
-    weights = {"incorrect_fact": 1.0, "refusal": 3.0}
-    for seed in range(5):
-        plan = plan_kinds(items, weights, 0.5, {i.id for i in items}, seed)
-        assert plan.counts["on_policy"] == 20
-        assert plan.counts["incorrect_fact"] == plan.targets["incorrect_fact"] == 5
-        assert not plan.shortfall
-    weights = {"incorrect_fact": 1.0}
-    plan = plan_kinds(items, weights, 0.5, {i.id for i in items}, 0)
-    assert plan.counts["incorrect_fact"] == 10 and plan.shortfall == {"incorrect_fact": 10}
-    assert len(plan.unassigned) == 10  # nothing else has weight
-    assert all(items_by_id(items)[i].reference_answers for i, k in plan.assignment.items() if k == "incorrect_fact")
+            items.append(rec(f"s{k:04d}", f"Write a sentence about {topic} (variant {k}).", "open",
+                             template=f"open-{topic}"))
+    return items
 
 
 def items_by_id(items):
     return {i.id: i for i in items}
 
 
-def test_unassigned_and_unusable_are_reported():
-    items, chosen = synthetic(10, ref_every=5)
-    chosen = dict(chosen)
-    del chosen["s0001"]
-    chosen["s0002"] = ("   ", "sft_model")
-    raw = {"s0003": completion_for(chosen["s0003"][0]), "s0004": "  ", "s0006": RAW}
-    result = build_pairs(items, chosen, raw, {"incorrect_fact": 1.0}, 0.5, seed=0)
-    assert result.dropped["no_chosen"] == 2
-    assert result.notes == {"on_policy_unusable:equals_chosen": 1, "on_policy_unusable:blank": 1}
-    mix = realised_mix(result.pairs)
-    assert mix["on_policy"] == 1 and mix["incorrect_fact"] == 2  # s0000, s0005
-    assert result.dropped["unassigned"] == 8 - 3
-    assert result.plan.shortfall["on_policy"] == 3
+def test_plan_follows_the_weights_exactly():
+    items = synthetic(1000)
+    plan = plan_kinds(items, WEIGHTS, seed=7)
+    assert plan.counts == plan.targets == allocate(1000, WEIGHTS) == {
+        "refusal": 400, "format_violation": 200, "incorrect_fact": 200, "off_topic": 0, "verbose_vague": 200}
+    assert not plan.shortfall and not plan.unassigned and list(plan.assignment) == [i.id for i in items]
+    by_id = items_by_id(items)
+    assert all(by_id[i].reference_answers for i, k in plan.assignment.items() if k == "incorrect_fact")
+    other = plan_kinds(items, WEIGHTS, seed=8)
+    assert other.counts == plan.counts and other.assignment != plan.assignment  # same counts, other members
+    assert plan_kinds(items, WEIGHTS, seed=7) == plan
 
 
-def test_unbuildable_kind_is_dropped_with_reason():
-    items = [rec(f"v{k}", f"Explain why volcanoes erupt ({k}).", "open", template="t") for k in range(4)]
-    chosen = {i.id: ("Volcanoes erupt because magma rises.", "sft_model") for i in items}
-    result = build_pairs(items, chosen, {}, {"off_topic": 1.0}, 0.0, seed=0)
-    assert result.pairs == [] and result.dropped == {"no_negative:off_topic": 4}
+def test_shortfall_when_few_items_have_references():
+    items = synthetic(100, ref_every=20)  # 5 items with references
+    plan = plan_kinds(items, dict.fromkeys(NEGATIVE_KINDS, 1.0), seed=0)
+    assert plan.targets["incorrect_fact"] == 20 and plan.shortfall == {"incorrect_fact": 15}
+    # incorrect_fact takes all 5, the other 95 follow the other weights exactly
+    assert plan.counts == {"refusal": 24, "format_violation": 24, "incorrect_fact": 5, "off_topic": 24,
+                           "verbose_vague": 23}
+    assert allocate(95, {k: 1.0 for k in NEGATIVE_KINDS if k != "incorrect_fact"}) == {
+        "refusal": 24, "format_violation": 24, "off_topic": 24, "verbose_vague": 23}
+    # nothing else has weight: the items left over get no kind
+    plan = plan_kinds(items, {"incorrect_fact": 1.0}, seed=0)
+    assert plan.counts["incorrect_fact"] == 5 and plan.shortfall == {"incorrect_fact": 95}
+    assert len(plan.unassigned) == 95
 
 
-def test_assign_kinds_and_errors():
-    items, _ = synthetic(20)
-    a = assign_kinds(items, WEIGHTS, 0.25, {i.id for i in items}, 3)
-    assert list(a) == [i.id for i in items]
-    assert a == plan_kinds(items, WEIGHTS, 0.25, {i.id for i in items}, 3).assignment
+def test_plan_kinds_errors():
+    items = synthetic(20)
     with pytest.raises(ValueError, match="unknown negative kinds"):
-        assign_kinds(items, {"sarcasm": 1.0}, 0.25, set(), 0)
-    with pytest.raises(ValueError, match="on_policy_share"):
-        assign_kinds(items, WEIGHTS, 1.5, set(), 0)
+        plan_kinds(items, {"sarcasm": 1.0}, 0)
+    with pytest.raises(ValueError, match="positive sum"):
+        plan_kinds(items, {"refusal": 0.0}, 0)
     with pytest.raises(ValueError, match="unique"):
-        assign_kinds(items + items[:1], WEIGHTS, 0.25, set(), 0)
+        plan_kinds(items + items[:1], WEIGHTS, 0)
 
 
 @settings(max_examples=40, deadline=None)
@@ -520,41 +428,29 @@ def test_assign_kinds_and_errors():
     ref_every=st.integers(1, 12),
     weights=st.fixed_dictionaries({k: st.sampled_from([0.0, 0.5, 1.0, 3.0]) for k in NEGATIVE_KINDS})
     .filter(lambda w: sum(w.values()) > 0),
-    share=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]),
-    on_every=st.integers(1, 5),
     seed=st.integers(0, 1000),
 )
-def test_plan_invariants(n, ref_every, weights, share, on_every, seed):
-    items, _ = synthetic(n, ref_every=ref_every)
-    has_on = {i.id for k, i in enumerate(items) if k % on_every == 0}
-    plan = plan_kinds(items, weights, share, has_on, seed)
+def test_plan_invariants(n, ref_every, weights, seed):
+    items = synthetic(n, ref_every=ref_every)
+    plan = plan_kinds(items, weights, seed)
     by_id = items_by_id(items)
-    realised = {k: 0 for k in plan.counts}
+    realised = dict.fromkeys(plan.counts, 0)
     for i, kind in plan.assignment.items():
         realised[kind] += 1
-        if kind == "on_policy":
-            assert i in has_on
         if kind == "incorrect_fact":
             assert by_id[i].reference_answers
-        if weights.get(kind, 1.0) == 0:
-            pytest.fail(f"kind {kind} has weight 0")
+        assert weights[kind] > 0, f"kind {kind} has weight 0"
     assert realised == plan.counts
     assert sum(plan.counts.values()) + len(plan.unassigned) == n
-    n_on = plan.targets["on_policy"]
-    assert plan.counts["on_policy"] == min(n_on, len(has_on))
-    m = n - plan.counts["on_policy"]
     if not plan.shortfall.get("incorrect_fact"):
-        rule = allocate(m, weights)
-        assert {k: plan.counts[k] for k in NEGATIVE_KINDS} == rule
+        assert plan.counts == allocate(n, weights)
     else:
         filled = plan.counts["incorrect_fact"]
         assert filled == plan.targets["incorrect_fact"] - plan.shortfall["incorrect_fact"]
         rest = {k: w for k, w in weights.items() if k != "incorrect_fact"}
         if sum(rest.values()) > 0:
-            assert {k: plan.counts[k] for k in rest} == allocate(m - filled, rest)
-        # every reference item that is not on-policy took incorrect_fact
-        refs_left = [i for i in items if i.reference_answers and plan.assignment.get(i.id) != "on_policy"]
-        assert filled == len(refs_left)
+            assert {k: plan.counts[k] for k in rest} == allocate(n - filled, rest)
+        assert filled == sum(1 for i in items if i.reference_answers)  # every reference item took it
 
 
 def test_incorrect_fact_keeps_the_echoed_instruction():

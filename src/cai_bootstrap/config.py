@@ -214,18 +214,33 @@ class SFTConfig(Section):
     The decision and its reason are recorded in training.json."""
 
 
+class PairsCriticConfig(Section):
+    enabled: bool = False
+    """Break ties the checks cannot: the base model's A/B critic (data/critic.py) scores the samples of a
+    prompt whose samples all pass every check; chosen = highest margin, rejected = lowest."""
+    min_gap: float = Field(1.0, ge=0)
+    """The critic's margins must differ by at least this (nats) to make a pair; closer is a tie."""
+
+
 class PairsConfig(Section):
+    samples_per_prompt: int = Field(4, ge=2)
+    """Responses the SFT model samples per DPO prompt; chosen and rejected are two of them."""
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+    max_prompts: int | None = Field(None, ge=1)
+    """How many DPO prompts to sample for (stratified by category; None: every DPO prompt)."""
+    critic: PairsCriticConfig = PairsCriticConfig()
+    synthetic_share: float = Field(0.1, ge=0, le=1)
+    """Share of the prompts with an acceptable sample whose rejected side is rule-built (for ablations)
+    instead of a worse sample of the SFT model."""
     negative_weights: dict[str, float] = Field(
         default_factory=lambda: {k: 1.0 for k in NEGATIVE_KINDS}
     )
     """Relative weights of the five rule-built negative kinds (applied exactly, by largest remainder)."""
-    on_policy_share: float = Field(0.25, ge=0, le=1)
-    """Share of pairs whose rejected response is the base model's own output."""
-    max_new_tokens: int = Field(96, ge=1)
-    fallback_to_sft_data: bool = True
-    """Use the SFT-data response as chosen when the SFT model's own response fails QC (recorded per pair)."""
-    confident_margin: float = 0.0
-    """Pairs whose SFT-model margin exceeds this are flagged confident."""
+    confident_margin: float = 1.0
+    """Pairs whose SFT-model margin (mean log-probability per token, chosen minus rejected) exceeds
+    this are flagged confident: chosen tokens already about e (2.7) times as likely as rejected ones."""
 
     @field_validator("negative_weights")
     @classmethod
@@ -248,8 +263,12 @@ class DPOConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """For loss_type robust: the assumed share of flipped preference labels."""
     learning_rate: float = Field(5e-5, gt=0)
+    dpo_only_learning_rate: float | None = Field(None, gt=0)
+    """The DPO-only run's own learning rate (None: learning_rate). An explicit, recorded override: the
+    parity check reports it as a declared difference. Everything else is shared by both runs."""
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
+    """Caps both runs; whole epochs (max_steps None) give both runs every pair the same number of times."""
     batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)

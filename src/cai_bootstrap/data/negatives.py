@@ -10,8 +10,9 @@ the kind does not apply to the item.
 ``refusal``        an unwarranted refusal (several templates; each one is caught by quality.is_refusal)
 ``format_violation`` one of: ``constraint:<IFEval id>`` (the response changed to break one of the
                    item's IFEval instructions, checked with the official check), ``truncated`` (cut mid-sentence, no
-                   END), ``missing_end`` (the response without END), ``ramble_after_end`` (END, then a
-                   new ``Instruction:`` turn), ``ramble_no_end`` (a new turn instead of END).
+                   END), ``missing_end`` (the response without END), ``ramble_no_end`` (a new
+                   ``Instruction:`` turn instead of END). Each is an ending generation can produce
+                   (generation stops at END, so nothing after END is ever seen).
                    When the item has a breakable constraint it is chosen half of the time; otherwise
                    the structural sub-kinds are drawn uniformly among those that apply.
 ``incorrect_fact`` only for items with reference answers: every occurrence of the reference in the
@@ -36,7 +37,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from ..constraints import check, count_words
-from ..formats import END_SUFFIX, completion_for, normalize
+from ..formats import completion_for, normalize
 from ..quality import matches_reference, normalize_answer, topic_overlap
 from ..schemas import InstructionRecord
 
@@ -207,7 +208,7 @@ def format_violation(item: InstructionRecord, chosen: str, rng: random.Random, o
     if violations and rng.random() < CONSTRAINT_SHARE:
         broken, kind = violations[rng.randrange(len(violations))]
         return _end(broken), f"format_violation:constraint:{kind}"
-    subs = ["missing_end", "ramble_after_end", "ramble_no_end"]
+    subs = ["missing_end", "ramble_no_end"]
     truncated = _truncate(response, rng)
     if truncated is not None:
         subs.insert(0, "truncated")
@@ -223,8 +224,6 @@ def format_violation(item: InstructionRecord, chosen: str, rng: random.Random, o
     else:
         next_instruction, next_response = _DEFAULT_CONTINUATION
     turn = f"\nInstruction: {next_instruction}\nResponse: {next_response}"
-    if sub == "ramble_after_end":
-        return f" {response}{END_SUFFIX}{turn}", "format_violation:ramble_after_end"
     return f" {response}{turn}", "format_violation:ramble_no_end"
 
 

@@ -1,28 +1,26 @@
-"""Assembling preference pairs: one pair per training item, chosen vs one rejected completion.
+"""Assembling preference pairs: one pair per DPO prompt, both sides written by the SFT model itself.
 
-Pure functions: the caller generates the chosen responses (SFT model, or the SFT data as fallback)
-and the base model's raw completions, and fills each pair's ``margin``/``confident`` afterwards
-with :func:`cai_bootstrap.training.logprobs.completion_logprobs`.
+For every prompt the SFT model has sampled several responses; :mod:`.ranking` picks the chosen one (it
+passes every verified check and ends with END) and a worse one of the *same* policy as rejected
+(``negative_type="on_policy"``), or says why the prompt gives no pair.
 
-The mix of negative kinds
--------------------------
-1. ``on_policy``: ``allocate(N, {on_policy: share, rule: 1 - share})`` items get the base model's
-   own completion as rejected, drawn at random (seeded) among items that have a usable one. Too few
-   such items: all of them are used, the missing seats are a ``shortfall`` of ``on_policy`` and
-   those items take rule-built kinds instead.
-2. The M remaining items are split over the five rule-built kinds by ``allocate(M, weights)``.
-   ``incorrect_fact`` only applies to items with reference answers (for which a wrong answer can be
-   built). If there are too few of them among the M, first on-policy items with references are
-   swapped with rule items without references that also have an on-policy completion (counts
-   unchanged). If still too few, ``incorrect_fact`` takes every eligible item, the missing seats are
+A configurable share of the prompts with an acceptable sample (``synthetic_share``, for ablations)
+instead pairs that sample with a rule-built negative (:mod:`.negatives`):
+
+1. ``allocate(U, {synthetic: share, on_policy: 1 - share})`` of the U prompts with an acceptable
+   sample are drawn at random (seeded); each keeps its chosen sample (the on-policy chosen where it
+   has one, else its first acceptable sample) and gets a rule-built rejected side.
+2. Those prompts are split over the five rule-built kinds by ``allocate(M, weights)``.
+   ``incorrect_fact`` only applies to items with reference answers for which a wrong answer can be
+   built. If there are too few, ``incorrect_fact`` takes every eligible item, the missing seats are
    its ``shortfall``, and the rest is re-balanced: ``allocate(M - filled, other weights)``, so the
    other kinds keep their exact proportions among themselves. If every other weight is zero, the
-   items left over get no kind (``unassigned``; dropped as such by :func:`build_pairs`).
+   items left over get no kind (``unassigned``).
 3. Which item gets which kind is a seeded shuffle; counts are exact, membership is random.
 
 A kind that was assigned but cannot be built for that item (``off_topic`` with no unrelated item
-in the pool, in practice) drops the item with reason ``no_negative:<kind>``; so the realised mix
-is the plan minus reported drops.
+in the pool, in practice) leaves the prompt without a pair, reason ``no_negative:<kind>``; every
+prompt without a pair is counted by reason.
 """
 
 from __future__ import annotations
@@ -38,9 +36,11 @@ from ..config import NEGATIVE_KINDS
 from ..formats import completion_for, prompt_for
 from ..schemas import NEGATIVE_TYPES, InstructionRecord, NegativeRecord, PreferencePair
 from .negatives import NEGATIVE_BUILDERS
+from .ranking import Choice, Sample, choose_pair
 
 ON_POLICY = "on_policy"
 INCORRECT_FACT = "incorrect_fact"
+SYNTHETIC = "synthetic"
 
 
 def allocate(n: int, weights: Mapping[str, float]) -> dict[str, int]:
@@ -72,7 +72,7 @@ def allocate(n: int, weights: Mapping[str, float]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class KindPlan:
-    """Which kind of rejected completion each item gets, and how that compares with the weights."""
+    """Which rule-built kind each item gets, and how that compares with the weights."""
 
     assignment: dict[str, str]  # item id -> kind, in item order; unassigned items are absent
     targets: dict[str, int]  # the counts the weights ask for, before any shortfall
@@ -94,66 +94,40 @@ def _rule_weights(weights: Mapping[str, float]) -> dict[str, float]:
 def plan_kinds(
     items: Sequence[InstructionRecord],
     weights: Mapping[str, float],
-    on_policy_share: float,
-    has_on_policy: Iterable[str],
     seed: int,
     *,
     fact_ok: Iterable[str] | None = None,
 ) -> KindPlan:
-    """The kind of every item (see the module docstring for the rules).
+    """The rule-built kind of every item (see the module docstring for the rules).
 
     ``fact_ok``: ids that can take incorrect_fact (default: items with reference answers).
     """
-    if not 0 <= on_policy_share <= 1:
-        raise ValueError("on_policy_share must be in [0, 1]")
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError("item ids must be unique")
     rule_w = _rule_weights(weights)
-    on_ok = set(has_on_policy)
     fact_set = {it.id for it in items if it.reference_answers} if fact_ok is None else set(fact_ok)
     shortfall: dict[str, int] = {}
-
-    n_on = allocate(len(items), {ON_POLICY: on_policy_share, "rule": 1 - on_policy_share})[ON_POLICY]
-    rng = random.Random(f"{seed}:on_policy")
-    candidates = [i for i in ids if i in on_ok]
-    rng.shuffle(candidates)
-    on_policy = candidates[:n_on]
-    if len(on_policy) < n_on:
-        shortfall[ON_POLICY] = n_on - len(on_policy)
-    on_set = set(on_policy)
-    rule = [i for i in ids if i not in on_set]
-    targets = {ON_POLICY: n_on, **allocate(len(rule), rule_w)}
-
-    need = targets.get(INCORRECT_FACT, 0)
-    eligible = [i for i in rule if i in fact_set]
-    if len(eligible) < need:  # swap on-policy items that could take incorrect_fact with ones that cannot
-        out = [i for i in on_policy if i in fact_set]
-        into = [i for i in rule if i not in fact_set and i in on_ok]
-        for a, b in list(zip(out, into))[: need - len(eligible)]:
-            on_set.discard(a)
-            on_set.add(b)
-        on_policy = [i for i in on_policy if i in on_set] + [i for i in into if i in on_set]
-        rule = [i for i in ids if i not in on_set]
-        eligible = [i for i in rule if i in fact_set]
+    targets = allocate(len(ids), rule_w)
+    need = targets[INCORRECT_FACT]
+    eligible = [i for i in ids if i in fact_set]
 
     rng = random.Random(f"{seed}:kinds")
-    assignment: dict[str, str] = {i: ON_POLICY for i in on_policy}
-    counts = dict.fromkeys((ON_POLICY, *NEGATIVE_KINDS), 0)
-    counts[ON_POLICY] = len(on_policy)
+    assignment: dict[str, str] = {}
+    counts = dict.fromkeys(NEGATIVE_KINDS, 0)
     filled = min(need, len(eligible))
     if filled < need:
         shortfall[INCORRECT_FACT] = need - filled
         others_w = {k: w for k, w in rule_w.items() if k != INCORRECT_FACT}
-        rest = allocate(len(rule) - filled, others_w) if sum(others_w.values()) > 0 else {}
+        rest = allocate(len(ids) - filled, others_w) if sum(others_w.values()) > 0 else {}
     else:
-        rest = {k: v for k, v in targets.items() if k not in (ON_POLICY, INCORRECT_FACT)}
+        rest = {k: v for k, v in targets.items() if k != INCORRECT_FACT}
     shuffled = list(eligible)
     rng.shuffle(shuffled)
     for i in shuffled[:filled]:
         assignment[i] = INCORRECT_FACT
     counts[INCORRECT_FACT] = filled
-    remaining = [i for i in rule if i not in assignment]
+    remaining = [i for i in ids if i not in assignment]
     rng.shuffle(remaining)
     pos = 0
     for kind in NEGATIVE_KINDS:
@@ -169,114 +143,116 @@ def plan_kinds(
     return KindPlan(ordered, targets, counts, shortfall, unassigned)
 
 
-def assign_kinds(
-    items: Sequence[InstructionRecord],
-    weights: Mapping[str, float],
-    on_policy_share: float,
-    has_on_policy: Iterable[str],
-    seed: int,
-) -> dict[str, str]:
-    """item id -> kind; see :func:`plan_kinds` for the counts and shortfall."""
-    return plan_kinds(items, weights, on_policy_share, has_on_policy, seed).assignment
-
-
 def item_rng(seed: int, item_id: str, kind: str) -> random.Random:
     """The generator a negative is built with: independent of the order items are processed in."""
     return random.Random(f"{seed}:{item_id}:{kind}")
 
 
+def synthetic_ids(ids: Sequence[str], share: float, seed: int) -> set[str]:
+    """``allocate(len(ids), {synthetic: share, on_policy: 1 - share})`` ids drawn at random (seeded)."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"synthetic_share must be in [0, 1], got {share!r}")
+    n = allocate(len(ids), {SYNTHETIC: share, ON_POLICY: 1 - share})[SYNTHETIC] if ids else 0
+    order = list(ids)
+    random.Random(f"{seed}:synthetic").shuffle(order)
+    return set(order[:n])
+
+
 @dataclass
 class PairsBuild:
-    """What :func:`build_pairs` returns; unpacks as ``pairs, negatives, dropped``."""
+    """What :func:`build_pairs` returns; unpacks as ``pairs, negatives, no_pair``."""
 
     pairs: list[PreferencePair]
     negatives: list[NegativeRecord]
-    dropped: Counter  # reason -> items without a pair
-    plan: KindPlan
-    notes: Counter = field(default_factory=Counter)  # not drops: e.g. unusable on-policy completions
+    no_pair: Counter  # reason -> prompts without a pair
+    plan: KindPlan  # the rule-built kinds of the synthetic share
+    choices: dict[str, Choice]  # item id -> the ranking of its samples
+    basis: Counter = field(default_factory=Counter)  # per pair: verified:<problem> | critic | synthetic:<kind>
 
     def __iter__(self) -> Iterator:
-        return iter((self.pairs, self.negatives, self.dropped))
+        return iter((self.pairs, self.negatives, self.no_pair))
+
+
+def _chosen_index(choice: Choice) -> int | None:
+    """The on-policy chosen sample, else the first acceptable one (None: no sample is acceptable)."""
+    if choice.chosen is not None:
+        return choice.chosen
+    return next((i for i, p in enumerate(choice.problems) if p is None), None)
 
 
 def build_pairs(
     items: Sequence[InstructionRecord],
-    chosen: Mapping[str, tuple[str, str]],
-    base_raw: Mapping[str, str],
+    samples: Mapping[str, Sequence[Sample]],
+    *,
     weights: Mapping[str, float],
-    on_policy_share: float,
+    synthetic_share: float,
     seed: int,
+    critic: Mapping[str, Sequence[float]] | None = None,
+    min_gap: float = 0.0,
 ) -> PairsBuild:
-    """One PreferencePair (and its NegativeRecord) per usable item, in item order.
+    """At most one PreferencePair (and its NegativeRecord) per item, in item order.
 
-    ``chosen``: id -> (clean response text, "sft_model" | "sft_data"); the pair's chosen is
-    ``formats.completion_for(response)``. ``base_raw``: id -> the base model's raw completion, used
-    as is as the on-policy rejected text. Dropped (Counter reasons): ``no_chosen`` (missing or blank
-    response), ``unassigned``, ``no_negative:<kind>``, ``negative_equals_chosen:<kind>``.
-    An on-policy completion that is blank or equal to the chosen one is not used (it would give no
-    pair): the item is not offered for on-policy and takes a rule-built kind instead; counted in
-    ``notes`` as ``on_policy_unusable:blank`` / ``on_policy_unusable:equals_chosen``.
+    ``samples``: item id -> the SFT model's samples for it (every item must have some).
+    ``critic``: item id -> one critic margin per sample, for the items where every sample is
+    acceptable (others are ignored). Every item either gives a pair or is counted in ``no_pair``.
     """
-    dropped: Counter = Counter()
-    notes: Counter = Counter()
-    usable: list[InstructionRecord] = []
-    completions: dict[str, str] = {}
-    for it in items:
-        entry = chosen.get(it.id)
-        if entry is None or not entry[0].strip():
-            dropped["no_chosen"] += 1
-            continue
-        usable.append(it)
-        completions[it.id] = completion_for(entry[0].strip())
-    on_ok: set[str] = set()
-    for it in usable:
-        raw = base_raw.get(it.id)
-        if raw is None:
-            continue
-        if not raw.strip():
-            notes["on_policy_unusable:blank"] += 1
-        elif raw.strip() == completions[it.id].strip():
-            notes["on_policy_unusable:equals_chosen"] += 1
-        else:
-            on_ok.add(it.id)
-    others = [(it, chosen[it.id][0].strip()) for it in usable]
+    missing = [it.id for it in items if not samples.get(it.id)]
+    if missing:
+        raise ValueError(f"no samples for {len(missing)} item(s), e.g. {missing[0]!r}")
+    critic = critic or {}
+    choices = {it.id: choose_pair(it, samples[it.id], critic.get(it.id), min_gap) for it in items}
+    chosen_index = {it.id: _chosen_index(choices[it.id]) for it in items}
+    acceptable = [it for it in items if chosen_index[it.id] is not None]
+    synthetic = synthetic_ids([it.id for it in acceptable], synthetic_share, seed)
+    chosen_text = {it.id: samples[it.id][chosen_index[it.id]].text for it in acceptable}
+    others = [(it, chosen_text[it.id]) for it in acceptable]
 
     def attempt(it: InstructionRecord, kind: str) -> tuple[str, str] | None:
-        return NEGATIVE_BUILDERS[kind](it, chosen[it.id][0].strip(), item_rng(seed, it.id, kind), others)
+        return NEGATIVE_BUILDERS[kind](it, chosen_text[it.id], item_rng(seed, it.id, kind), others)
 
-    fact_ok = {it.id for it in usable if it.reference_answers and attempt(it, INCORRECT_FACT) is not None}
-    plan = plan_kinds(usable, weights, on_policy_share, on_ok, seed, fact_ok=fact_ok)
-    if plan.unassigned:
-        dropped["unassigned"] += len(plan.unassigned)
+    rule_items = [it for it in acceptable if it.id in synthetic]
+    fact_ok = {it.id for it in rule_items if it.reference_answers and attempt(it, INCORRECT_FACT) is not None}
+    plan = plan_kinds(rule_items, weights, seed, fact_ok=fact_ok)
 
+    no_pair: Counter = Counter()
+    basis: Counter = Counter()
     pairs: list[PreferencePair] = []
     negatives: list[NegativeRecord] = []
-    for it in usable:
-        kind = plan.assignment.get(it.id)
-        if kind is None:
-            continue
-        if kind == ON_POLICY:
-            rejected, how = base_raw[it.id], "base_model_raw_completion"
-        else:
+    for it in items:
+        choice, its = choices[it.id], samples[it.id]
+        if it.id in synthetic:
+            kind = plan.assignment.get(it.id)
+            if kind is None:
+                no_pair["unassigned"] += 1
+                continue
             built = attempt(it, kind)
             if built is None:
-                dropped[f"no_negative:{kind}"] += 1
+                no_pair[f"no_negative:{kind}"] += 1
                 continue
             rejected, how = built
-        if not rejected.strip() or rejected.strip() == completions[it.id].strip():
-            dropped[f"negative_equals_chosen:{kind}"] += 1
+            why = f"synthetic:{kind}"
+        elif choice.paired:
+            kind, rejected = ON_POLICY, its[choice.rejected].completion()
+            why = choice.basis
+            how = f"sft_sample:{choice.rejected}/{len(its)}:{why}; chosen sample {choice.chosen}"
+        else:
+            no_pair[choice.basis] += 1
+            continue
+        chosen = completion_for(chosen_text[it.id])
+        if not rejected.strip() or rejected.strip() == chosen.strip():
+            no_pair[f"negative_equals_chosen:{kind}"] += 1
             continue
         prompt = prompt_for(it.instruction)
+        basis[why] += 1
         negatives.append(NegativeRecord(
-            id=f"neg-{it.id}", instruction_id=it.id, prompt=prompt, response=rejected,
-            negative_type=kind, how=how,
+            id=f"neg-{it.id}", instruction_id=it.id, prompt=prompt, response=rejected, negative_type=kind, how=how,
         ))
         pairs.append(PreferencePair(
             id=f"pair-{it.id}", instruction_id=it.id, category=it.category, prompt=prompt,
-            chosen=completions[it.id], rejected=rejected, negative_type=kind,
-            chosen_source=chosen[it.id][1],
+            chosen=chosen, rejected=rejected, negative_type=kind, chosen_source="sft_model",
         ))
-    return PairsBuild(pairs, negatives, dropped, plan, notes)
+    assert len(pairs) + sum(no_pair.values()) == len(items), "every prompt gives a pair or a reason"
+    return PairsBuild(pairs, negatives, no_pair, plan, choices, basis)
 
 
 def realised_mix(pairs: Iterable[PreferencePair]) -> dict[str, int]:

@@ -19,6 +19,7 @@ from ..schemas import GeneratorProvenance
 INSTRUCTIONS = "data/instructions.jsonl"
 TEST = "data/test.jsonl"
 INSTRUCTIONS_REPORT = "data/instructions_report.json"
+PROMPT_SPLIT = "data/prompt_split.json"  # training pool -> SFT prompts | DPO prompts
 SFT = "data/sft.jsonl"
 SFT_QC = "data/sft_qc.json"
 NEGATIVES = "data/negatives.jsonl"

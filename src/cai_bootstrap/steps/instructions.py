@@ -10,6 +10,7 @@ from ..config import PipelineConfig
 from ..console import console
 from ..data.dedup import deduplicate
 from ..data.pool import builtin_pool
+from ..data.prompt_split import split_prompts
 from ..data.sampling import stratified_sample
 from ..data.self_instruct import build_prompt, parse_numbered_list
 from ..data.split import check_leakage, purge_leaks, split
@@ -19,7 +20,7 @@ from ..generation.engine import Decoding
 from ..run import Run
 from ..evaluation.ifeval import is_input_file, load_test_items
 from ..schemas import ArtifactError, InstructionRecord
-from .common import INSTRUCTIONS, INSTRUCTIONS_REPORT, TEST
+from .common import INSTRUCTIONS, INSTRUCTIONS_REPORT, PROMPT_SPLIT, TEST
 from .generator import Generator
 
 
@@ -73,7 +74,7 @@ def run_instructions(run: Run, force: bool = False) -> bool:
     if not force and run.is_current("instructions", params, user_inputs):
         console.print("instructions: up to date, skipped")
         return False
-    with run.step("instructions", params, user_inputs, [INSTRUCTIONS, TEST, INSTRUCTIONS_REPORT]) as step:
+    with run.step("instructions", params, user_inputs, [INSTRUCTIONS, TEST, INSTRUCTIONS_REPORT, PROMPT_SPLIT]) as step:
         user_train, user_test = _load_user(cfg.train_file, "train_file"), _load_user(cfg.test_file, "test_file")
         pool = builtin_pool()
         if cfg.builtin is not None and cfg.builtin > len(pool):
@@ -103,6 +104,8 @@ def run_instructions(run: Run, force: bool = False) -> bool:
         check_leakage(train, test, cfg.dedup_threshold)
         write_jsonl(run.path(INSTRUCTIONS), train)
         write_jsonl(run.path(TEST), test)
+        prompt_split = split_prompts(train, cfg.dpo_share, config.seed)
+        atomic_write_json(run.path(PROMPT_SPLIT), prompt_split.model_dump())
         report = {
             "candidates": {"user_train": len(user_train), "builtin": len(builtin), "self_instruct": len(generated),
                            "user_test": len(user_test)},
@@ -128,6 +131,8 @@ def run_instructions(run: Run, force: bool = False) -> bool:
         for reason, n in si_dropped.items():
             step.drop(reason, n)
         step.drop("leaks_into_test", len(leaks))
-        step.metrics.update({"train": len(train), "test": len(test), "self_instruct_kept": len(generated)})
+        step.metrics.update({"train": len(train), "test": len(test), "self_instruct_kept": len(generated),
+                             "sft_prompts": len(prompt_split.sft), "dpo_prompts": len(prompt_split.dpo),
+                             "dpo_share": cfg.dpo_share})
     console.print(f"instructions: train {len(train)}, test {len(test)}; dropped {dict(step.dropped)}")
     return True

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..config import PipelineConfig
 from ..console import console
 from ..data.critic import CRITIC_PROMPT_VERSION, best_of_n, calibration_margin, critic_margins
+from ..data.prompt_split import load_split
 from ..data.sampling import stratified_sample
 from ..data.sft_quality import qc_reason
 from ..files import atomic_write_json, sha256_path, write_jsonl
@@ -15,8 +16,8 @@ from ..formats import choose_shots, few_shot_prompt
 from ..generation.engine import Decoding
 from ..run import Run
 from ..schemas import InstructionRecord, SFTRecord, load_jsonl
-from .common import (INSTRUCTIONS, SFT, SFT_QC, TMP, few_shot_pool, generator_provenance, writer_adapters,
-                     writer_label)
+from .common import (INSTRUCTIONS, PROMPT_SPLIT, SFT, SFT_QC, TMP, few_shot_pool, generator_provenance,
+                     writer_adapters, writer_label)
 from .generator import Generator
 
 
@@ -47,13 +48,14 @@ def run_sft_data(run: Run, force: bool = False, accelerate_config: Path | None =
     cfg = config.sft_data
     writer = writer_adapters(run.dir, config)  # round r+1: round r's model writes (its adapters are inputs)
     params = step_params(config)
-    inputs = [INSTRUCTIONS, *writer]
+    inputs = [INSTRUCTIONS, PROMPT_SPLIT, *writer]
     if not force and run.is_current("sft-data", params, inputs):
         console.print("sft-data: up to date, skipped")
         return False
     with run.step("sft-data", params, inputs, [SFT, SFT_QC]) as step:
-        items = stratified_sample(load_jsonl(run.path(INSTRUCTIONS), InstructionRecord), cfg.max_instructions,
-                                  config.data_seed_value, "sft-data")
+        # SFT prompts only: the DPO prompts stay unseen by SFT (data/prompt_split.py)
+        sft_items, _ = load_split(run.path(PROMPT_SPLIT), load_jsonl(run.path(INSTRUCTIONS), InstructionRecord))
+        items = stratified_sample(sft_items, cfg.max_instructions, config.data_seed_value, "sft-data")
         prompts = sft_prompts(config, items)
         with Generator(config, adapters=writer, accelerate_config=accelerate_config,
                        work_dir=run.path(TMP)) as gen:
