@@ -15,6 +15,7 @@ from cai_bootstrap.training.dpo import (
     DPODataError,
     ParityError,
     build_trainer,
+    check_parity,
     parity_check,
     train_dpo,
     trainer_arguments,
@@ -120,13 +121,68 @@ def test_trainer_arguments_same_for_both_inits_and_parity(tmp_path, tiny_model_f
     assert len(diffs) == 1 and diffs[0].startswith("beta:")
     assert parity_check(a, {**b, "seed": 4}) == ["seed: 3 != 4"]
 
+
+def facts(cfg: DPOConfig, init: str, tmp_path, *, pairs=None, processes=1, **trained) -> dict:
+    out = dpo.planned_facts(cfg, init, pairs or make_pairs(4), out_dir=tmp_path / init, seed=3, dtype="float32",
+                            quantization="none", processes=processes)
+    return {**out, **trained}
+
+
+def test_parity_check_what_makes_the_comparison_fair(tmp_path, tiny_model_folder):
+    cfg = DPOConfig()
+    ref = facts(cfg, "sft", tmp_path)
+    parity = check_parity(ref, facts(cfg, "base", tmp_path), dpo.PLANNED_FACTS, cfg)
+    assert parity.checked_against == "dpo" and parity.same == list(dpo.PLANNED_FACTS)
+    assert parity.declared_differences == []
+    assert check_parity(None, ref, dpo.PLANNED_FACTS, cfg).as_dict() == {
+        "checked_against": None, "same": [], "declared_differences": []}  # the first run: nothing to compare
+
+    def differences(mine, keys=dpo.PLANNED_FACTS, reference=ref, cfg=cfg):
+        with pytest.raises(ParityError) as e:
+            check_parity(reference, mine, keys, cfg)
+        return e.value.differences
+
+    assert differences(facts(DPOConfig(beta=0.2), "base", tmp_path)) == ["beta: 0.1 != 0.2"]
+    assert differences(facts(cfg, "base", tmp_path, pairs=make_pairs(5)))[0].startswith("pairs_sha256: ")
+    assert differences(facts(cfg, "base", tmp_path, processes=2)) == [
+        "num_processes: 1 != 2 (the global batch differs)"]
+    assert check_parity(ref, facts(cfg, "base", tmp_path, processes=None), dpo.PLANNED_FACTS, cfg)  # unknown: skipped
+    other_lora = facts(DPOConfig(lora={"r": 8}), "base", tmp_path)
+    assert differences(other_lora) == ["lora.r: 16 != 8"]
+    other = "no" if ref["precision"]["mixed_precision"] == "bf16" else "bf16"  # e.g. run on another machine
+    mixed = {**facts(cfg, "base", tmp_path), "precision": {**ref["precision"], "mixed_precision": other}}
+    assert differences(mixed) == [f"precision.mixed_precision: {ref['precision']['mixed_precision']!r} != {other!r}"]
+    # a learning rate of its own: an undeclared difference fails ...
+    assert differences(facts(DPOConfig(learning_rate=1e-4), "base", tmp_path)) == ["learning_rate: 5e-05 != 0.0001"]
+    # ... the declared override is reported, in either order of the runs
+    declared = DPOConfig(dpo_only_learning_rate=1e-4)
+    for first, second in (("sft", "base"), ("base", "sft")):
+        parity = check_parity(facts(declared, first, tmp_path), facts(declared, second, tmp_path),
+                              dpo.PLANNED_FACTS, declared)
+        lrs = (5e-05, 0.0001) if first == "sft" else (0.0001, 5e-05)
+        assert parity.declared_differences == [
+            f"learning_rate: {lrs[0]} != {lrs[1]} (declared by dpo.dpo_only_learning_rate)"]
+        assert "trainer_args" not in parity.same and "lora_args" in parity.same
+    assert trainer_arguments(declared, out_dir=tmp_path, seed=0, init="base")["learning_rate"] == 1e-4
+    assert trainer_arguments(declared, out_dir=tmp_path, seed=0, init="sft")["learning_rate"] == 5e-5
+    # ... but declares nothing else
+    assert differences(facts(declared.model_copy(update={"beta": 0.3}), "base", tmp_path),
+                       reference=facts(declared, "sft", tmp_path), cfg=declared) == ["beta: 0.1 != 0.3"]
+
+    # what each run trained on
+    trained = dict(pairs_used_sha256="abc", steps=4, pairs_seen=32, tokens_seen=2000)
+    ref_t = {**ref, **trained}
+    assert check_parity(ref_t, facts(cfg, "base", tmp_path, **trained), dpo.TRAINED_FACTS, cfg).same == list(
+        dpo.TRAINED_FACTS)
+    assert differences(facts(cfg, "base", tmp_path, **{**trained, "steps": 8, "tokens_seen": 4000}),
+                       dpo.TRAINED_FACTS, ref_t) == ["steps: 4 != 8", "tokens_seen: 2000 != 4000"]
+    # a run recorded before these facts existed cannot vouch for anything
+    assert differences(facts(cfg, "base", tmp_path), reference={"init": "sft"})[0] == (
+        "trainer_args: not recorded by the dpo run (re-run it)")
+
     with pytest.raises(ParityError, match="beta"):
-        first = trainer_arguments(DPOConfig(), out_dir=tmp_path, seed=3)
         train_dpo("base", str(tiny_model_folder), make_pairs(4), DPOConfig(beta=0.5),
-                  out_dir=tmp_path / "x", seed=3, reference_args=first)
-    with pytest.raises(ParityError, match="lora.r"):
-        train_dpo("base", str(tiny_model_folder), make_pairs(4), DPOConfig(),
-                  out_dir=tmp_path / "x", seed=3, reference_lora=dpo.lora_arguments(DPOConfig(lora={"r": 8})))
+                  out_dir=tmp_path / "x", seed=3, reference=facts(cfg, "sft", tmp_path))
     assert not (tmp_path / "x").exists()  # refused before anything ran
 
 
@@ -241,11 +297,23 @@ def test_short_run_each_loss(loss_type, tiny_model_folder, sft_adapter, tmp_path
     loaded = load_model(str(tiny_model_folder), adapters=[result.adapter_dir])  # the adapter loads
     assert loaded.model is not None
 
-    if init == "sft":  # the second run with the same block passes the parity check
-        other = train_dpo("base", str(tiny_model_folder), make_pairs(), cfg, out_dir=tmp_path / "dpo_only",
-                          seed=0, reference_args=result.trainer_args, reference_lora=result.lora_args,
-                          cache_dir=shared_ref_cache)
-        assert parity_check(result.trainer_args, other.trainer_args) == []
+    curve = rec["learning_curve"]
+    assert [c["step"] for c in curve] == [1, 2]
+    assert [c["loss"] for c in curve] == [h["loss"] for h in rec["history"]]
+    assert curve[-1]["reward_margin"] == rec["final_reward_margin"] and {"reward_accuracy", "epoch"} <= set(curve[0])
+    assert rec["pairs_seen"] == 2 * 4 and rec["tokens_seen"] == rec["parity_facts"]["tokens_seen"] > 0
+    assert rec["parity"] == {"checked_against": None, "same": [], "declared_differences": []}
+
+    if init == "sft":  # the DPO-only run with its own, declared learning rate passes the parity check
+        declared = cfg.model_copy(update={"dpo_only_learning_rate": 2e-2})
+        train_dpo("base", str(tiny_model_folder), make_pairs(), declared, out_dir=tmp_path / "dpo_only",
+                  seed=0, reference=rec["parity_facts"], cache_dir=shared_ref_cache)
+        other = json.loads((tmp_path / "dpo_only" / "training.json").read_text())
+        assert other["learning_rate"] == 2e-2 and other["learning_curve"][0]["learning_rate"] == 2e-2
+        assert other["parity"] == {
+            "checked_against": "dpo", "same": [k for k in (*dpo.PLANNED_FACTS, *dpo.TRAINED_FACTS) if k != "trainer_args"],
+            "declared_differences": ["learning_rate: 0.01 != 0.02 (declared by dpo.dpo_only_learning_rate)"]}
+        assert other["tokens_seen"] == rec["tokens_seen"] and other["steps"] == rec["steps"]
 
 
 # --- reference log-prob cache ---------------------------------------------------------------------

@@ -147,6 +147,9 @@ class InstructionsConfig(Section):
     test_file: str | None = None
     """Your own held-out test set; when given, no test items are drawn from the pool. InstructionRecord
     JSONL, or IFEval's input_data.jsonl (key, prompt, instruction_id_list, kwargs), kept whole."""
+    dpo_share: float = Field(0.5, gt=0, lt=1)
+    """Share of the training pool held out for DPO prompts (stratified by category): SFT data is drawn
+    from the rest only, so DPO never sees an SFT prompt (data/prompt_split.json)."""
 
     @field_validator("test_size")
     @classmethod

@@ -3,9 +3,18 @@
 ``init="sft"``: the policy starts from the base model with the SFT adapter *merged* into its weights
 (on a quantized base, ``train_quantization`` 8bit/4bit, the SFT adapter stays unmerged on top instead:
 :mod:`~cai_bootstrap.models.adapters`), plus a fresh LoRA adapter; ``init="base"`` (the DPO-only
-baseline): the same fresh LoRA on the base model. Everything else comes from one ``dpo:`` config block through :func:`trainer_arguments`, the
-one place that builds TRL's ``DPOConfig``; the second run refuses to start (:class:`ParityError`)
-when its arguments differ from the first run's in anything but the output path.
+baseline): the same fresh LoRA on the base model. Everything else comes from one ``dpo:`` config
+block through :func:`trainer_arguments`, the one place that builds TRL's ``DPOConfig``.
+
+**Parity.** Each run records the facts that make the two runs' comparison fair (``parity_facts`` in
+``training.json``): its trainer and LoRA arguments, process count, precision and the sha256 of the
+pairs it was given (known before training), and the sha256 of the pairs it trained on, the optimizer
+steps, the pairs and tokens it saw (known after). The second run compares its facts with the first
+run's: before loading anything and again after training, and fails (:class:`ParityError`) on any
+difference but the output path and the *declared* ones: ``dpo.dpo_only_learning_rate`` gives the
+DPO-only run its own learning rate, an explicit override that the check reports as a declared
+difference. Each run also records its learning curve (loss, reward accuracy and margin per logged
+step).
 
 **The reference model.** With a PEFT policy and no ``ref_model``, TRL 1.16 keeps no second model: it
 computes the reference log-probabilities with the adapter disabled (``use_adapter(model, None)`` ->
@@ -92,13 +101,20 @@ PROMPT_TOO_LONG = "prompt_too_long"
 TRAINING_JSON = "training.json"
 
 
+# What makes the comparison of the two runs fair: known before training ...
+PLANNED_FACTS: tuple[str, ...] = ("trainer_args", "lora_args", "num_processes", "precision", "pairs_sha256")
+# ... and what each run actually consumed, known after it.
+TRAINED_FACTS: tuple[str, ...] = ("pairs_used_sha256", "steps", "pairs_seen", "tokens_seen")
+RUN_NAMES: dict[str, str] = {"sft": "dpo", "base": "dpo_only"}
+
+
 class ParityError(ValueError):
-    """The second DPO run's arguments differ from the first's in more than the output path."""
+    """The second DPO run differs from the first in more than the output path and declared overrides."""
 
     def __init__(self, differences: list[str]):
         self.differences = differences
         super().__init__(
-            "the two DPO runs must share one set of hyperparameters; they differ in:\n  "
+            "the two DPO runs must share pairs, budget and hyperparameters; they differ in:\n  "
             + "\n  ".join(differences)
         )
 
@@ -127,16 +143,28 @@ def mixed_precision(cfg: DPOConfig) -> tuple[str, str]:
     return resolve_mixed_precision(cfg.mixed_precision, default_device())
 
 
-def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int, tracking: str = "none",
+def learning_rate(cfg: DPOConfig, init: Init) -> float:
+    """The run's learning rate: ``dpo_only_learning_rate`` for the DPO-only run when it is set."""
+    if init == "base" and cfg.dpo_only_learning_rate is not None:
+        return cfg.dpo_only_learning_rate
+    return cfg.learning_rate
+
+
+def declared_differences(cfg: DPOConfig) -> dict[str, str]:
+    """Trainer arguments the two runs may differ in, each with the option that declares it."""
+    return {"learning_rate": "dpo.dpo_only_learning_rate"} if cfg.dpo_only_learning_rate is not None else {}
+
+
+def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int, init: Init = "sft", tracking: str = "none",
                       run_name: str | None = None, backend: CPUBackend | None = None) -> dict[str, Any]:
     """The keyword arguments of TRL's ``DPOConfig`` for one run: the one place they are built.
 
-    Only ``output_dir`` and ``run_name`` depend on the run; the device decides ``use_cpu``, and with
-    ``cfg.mixed_precision`` ``bf16`` (autocast); ``tracking`` is TRL's ``report_to`` (training curves,
-    :mod:`.tracking`). Without the CPU backend (``backend``, by default
-    :func:`cai_bootstrap.cpu_backend.for_this_process` of ``auto``) ``dpo.packing`` asks TRL for its own
-    ``padding_free`` and Liger's kernels are used where installed (CUDA). JSON-serialisable, so
-    ``training.json`` records exactly what was used.
+    Only ``output_dir``, ``run_name`` and, when declared, the learning rate (:func:`learning_rate`)
+    depend on the run; the device decides ``use_cpu``, and with ``cfg.mixed_precision`` ``bf16``
+    (autocast); ``tracking`` is TRL's ``report_to`` (training curves, :mod:`.tracking`). Without the CPU
+    backend (``backend``, by default :func:`cai_bootstrap.cpu_backend.for_this_process` of ``auto``)
+    ``dpo.packing`` asks TRL for its own ``padding_free`` and Liger's kernels are used where installed
+    (CUDA). JSON-serialisable, so ``training.json`` records exactly what was used.
     """
     from ..cpu_backend import for_this_process, liger_kernel_available
     from ..models.loading import default_device
@@ -162,7 +190,7 @@ def trainer_arguments(cfg: DPOConfig, *, out_dir: Path, seed: int, tracking: str
         "padding_free": cfg.packing and libraries,  # with the CPU backend, packing is ours (training/packing.py)
         "use_liger_kernel": libraries and liger_kernel_available(device),
         # optimisation
-        "learning_rate": cfg.learning_rate,
+        "learning_rate": learning_rate(cfg, init),
         "num_train_epochs": cfg.epochs,
         "max_steps": cfg.max_steps if cfg.max_steps is not None else -1,
         "per_device_train_batch_size": cfg.batch_size,
@@ -231,33 +259,82 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_parity(
+def planned_facts(
     cfg: DPOConfig,
+    init: Init,
+    pairs: Sequence[PreferencePair],
     *,
     out_dir: Path,
     seed: int,
-    reference_args: dict[str, Any] | None,
-    reference_lora: dict[str, Any] | None,
-    reference_processes: int | None = None,
-    processes: int | None = None,
+    dtype: str,
+    quantization: str,
+    processes: int | None,
     tracking: str = "none",
     run_name: str | None = None,
     backend: CPUBackend | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """This run's (trainer arguments, LoRA arguments); :class:`ParityError` if they, or the process
-    count (which multiplies the global batch), differ from the first run's."""
-    args = trainer_arguments(cfg, out_dir=out_dir, seed=seed, tracking=tracking, run_name=run_name, backend=backend)
-    lora = lora_arguments(cfg)
+) -> dict[str, Any]:
+    """The run's facts known before training (``PLANNED_FACTS``; ``processes`` None: not known here)."""
+    return {
+        "init": init,
+        "trainer_args": trainer_arguments(cfg, out_dir=out_dir, seed=seed, init=init, tracking=tracking,
+                                          run_name=run_name, backend=backend),
+        "lora_args": lora_arguments(cfg),
+        "num_processes": processes,
+        "precision": {"mixed_precision": mixed_precision(cfg)[0], "dtype": dtype, "quantization": quantization},
+        "pairs_sha256": pairs_sha(pairs),
+    }
+
+
+@dataclass
+class Parity:
+    """What the check compared, for ``training.json`` and the manifest."""
+
+    checked_against: str | None = None
+    same: list[str] = field(default_factory=list)
+    declared_differences: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"checked_against": self.checked_against, "same": self.same,
+                "declared_differences": self.declared_differences}
+
+
+def check_parity(
+    reference: dict[str, Any] | None,
+    facts: dict[str, Any],
+    keys: Sequence[str],
+    cfg: DPOConfig,
+    parity: Parity | None = None,
+) -> Parity:
+    """Compare ``keys`` of this run's facts with the other run's (``reference``, None: this run is the
+    first) and add the result to ``parity``; :class:`ParityError` listing every undeclared difference.
+    A fact that one side could not know (None, e.g. the process count before a launch) is skipped."""
+    parity = parity or Parity()
+    if reference is None:
+        return parity
+    parity.checked_against = RUN_NAMES.get(reference.get("init"), reference.get("init"))
+    declared = declared_differences(cfg)
     diffs: list[str] = []
-    if reference_args is not None:
-        diffs += parity_check(reference_args, args)
-    if reference_lora is not None:
-        diffs += parity_check(reference_lora, lora, prefix="lora.")
-    if None not in (reference_processes, processes) and reference_processes != processes:
-        diffs.append(f"num_processes: {reference_processes} != {processes} (the global batch differs)")
+    for key in keys:
+        a, b = reference.get(key), facts.get(key)
+        if a is None or b is None:
+            if key not in reference:
+                diffs.append(f"{key}: not recorded by the {parity.checked_against} run (re-run it)")
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = parity_check(a, b, prefix={"trainer_args": "", "lora_args": "lora."}.get(key, f"{key}."))
+        else:
+            found = [] if _normal(a) == _normal(b) else [f"{key}: {a!r} != {b!r}"]
+        ours = [d for d in found if key == "trainer_args" and d.split(":")[0] in declared]
+        parity.declared_differences += [f"{d} (declared by {declared[d.split(':')[0]]})" for d in ours]
+        found = [d for d in found if d not in ours]
+        if key == "num_processes" and found:
+            found = [f"num_processes: {a} != {b} (the global batch differs)"]
+        diffs += found
+        if not found and not ours:
+            parity.same.append(key)
     if diffs:
         raise ParityError(diffs)
-    return args, lora
+    return parity
 
 
 def _normal(value: Any) -> Any:
@@ -373,9 +450,11 @@ class _DataPolicy:
             dataset = dataset.remove_columns("prompt_ids").add_column("prompt_ids", fixed_prompt_ids)
         if len(keep) < len(dataset):
             dataset = dataset.select(keep)
+        used = [self.texts[cols[i]["id"]] for i in keep]
         self.report = {
             "pairs_in": n_in,
             "pairs_used": len(keep),
+            "pairs_used_sha256": sha256_text(json.dumps([list(t) for t in used], ensure_ascii=False)),
             "pairs_dropped": dict(sorted(reasons.items())),
             "rejected_truncated": int(rejected_truncated),
             "eos_token_id": eos,
@@ -508,6 +587,7 @@ def _trainer_class():
             self.packing = packing and cpu_backend.used
             self.packed = False
             self.ref_forward_batches = 0
+            self.seen = {"pairs": 0, "tokens": 0, "completion_tokens": 0}  # by this process's training forwards
             kwargs.setdefault("callbacks", []).append(LogLastStep())
             super().__init__(*args, **kwargs)
             self.fused_lora_layers = use_fused_lora(self.model) if self._whole_weights() else 0
@@ -542,6 +622,10 @@ def _trainer_class():
 
         def _compute_loss(self, model, inputs, return_outputs):
             self._packed_model()
+            # the budget actually trained on (the parity check compares it): rows are [chosen, rejected]
+            self.seen["pairs"] += int(inputs["input_ids"].shape[0]) // 2
+            self.seen["tokens"] += int(inputs["attention_mask"].sum())
+            self.seen["completion_tokens"] += int(inputs["completion_mask"].sum())
             return super()._compute_loss(model, inputs, return_outputs)
 
         def compute_ref_log_probs(self, model, inputs):
@@ -685,7 +769,7 @@ def build_trainer(
 
     backend = for_this_process(cpu_backend)
     args = trainer_args if trainer_args is not None else trainer_arguments(cfg, out_dir=out_dir, seed=seed,
-                                                                           backend=backend)
+                                                                           init=init, backend=backend)
     lora = lora_arguments(cfg)
 
     with _quiet():
@@ -734,6 +818,25 @@ def build_trainer(
     return DPOSetup(trainer, args, lora, provenance)
 
 
+def _summed(accelerator, counts: dict[str, int]) -> dict[str, int]:
+    """Counts summed over every process (each counted its own batches)."""
+    import torch
+
+    keys = sorted(counts)
+    total = accelerator.reduce(torch.tensor([counts[k] for k in keys], device=accelerator.device), reduction="sum")
+    return {k: int(v) for k, v in zip(keys, total.tolist())}
+
+
+# TRL's log keys -> the learning curve's.
+CURVE_KEYS = {"step": "step", "epoch": "epoch", "loss": "loss", "rewards/accuracies": "reward_accuracy",
+              "rewards/margins": "reward_margin", "learning_rate": "learning_rate"}
+
+
+def learning_curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Loss, reward accuracy and reward margin (chosen minus rejected implicit reward) per logged step."""
+    return [{name: entry[key] for key, name in CURVE_KEYS.items() if key in entry} for entry in history]
+
+
 def _final(history: list[dict[str, Any]], key: str) -> float | None:
     for entry in reversed(history):
         if key in entry:
@@ -754,9 +857,7 @@ def train_dpo(
     dtype: str = "float32",
     add_bos: bool = False,
     cache_dir: str | Path | None = None,
-    reference_args: dict[str, Any] | None = None,
-    reference_lora: dict[str, Any] | None = None,
-    reference_processes: int | None = None,
+    reference: dict[str, Any] | None = None,
     tracking: str = "none",
     log_dir: str | Path | None = None,
     run_name: str | None = None,
@@ -764,10 +865,10 @@ def train_dpo(
 ) -> DPOResult:
     """Train one DPO run; save the adapter and ``training.json`` in ``out_dir``.
 
-    ``reference_args`` / ``reference_lora`` / ``reference_processes``: the first run's recorded
-    ``trainer_args`` / ``lora_args`` / ``num_processes``; any difference other than the output path
-    raises :class:`ParityError` before anything is loaded. Under ``accelerate launch`` every process
-    trains; only the main one writes (adapter, ``training.json``, reference cache).
+    ``reference``: the other run's recorded ``parity_facts`` (None: this run is the first). An
+    undeclared difference in the planned facts raises :class:`ParityError` before anything is loaded,
+    one in the trained facts after training, before anything is saved. Under ``accelerate launch``
+    every process trains; only the main one writes (adapter, ``training.json``, reference cache).
 
     ``tracking``: TRL reports the training curves there (``report_to``), TensorBoard's event files and
     wandb's run files in ``log_dir`` (emptied first: a new run's curves replace the previous run's).
@@ -780,10 +881,11 @@ def train_dpo(
     from ..cpu_backend import for_this_process
 
     out_dir = Path(out_dir)
-    args, lora = check_parity(cfg, out_dir=out_dir, seed=seed, reference_args=reference_args,
-                              reference_lora=reference_lora, reference_processes=reference_processes,
-                              processes=launched_processes(), tracking=tracking, run_name=run_name,
-                              backend=for_this_process(cpu_backend))
+    facts = planned_facts(cfg, init, pairs, out_dir=out_dir, seed=seed, dtype=dtype, quantization=quantization,
+                          processes=launched_processes(), tracking=tracking, run_name=run_name,
+                          backend=for_this_process(cpu_backend))
+    parity = check_parity(reference, facts, PLANNED_FACTS, cfg)
+    args, lora = facts["trainer_args"], facts["lora_args"]
     if tracking != "none" and log_dir is None:
         raise ValueError(f"tracking: {tracking} needs a log_dir")
     if tracking != "none" and int(os.environ.get("RANK", "0")) == 0:
@@ -808,9 +910,17 @@ def train_dpo(
     ]
     data = trainer.data_policy.report
     ref = trainer.ref_cache.info
+    seen = _summed(trainer.accelerator, trainer.seen)
+    facts.update({"pairs_used_sha256": data["pairs_used_sha256"], "steps": int(trainer.state.global_step),
+                  "pairs_seen": seen["pairs"], "tokens_seen": seen["tokens"],
+                  "completion_tokens_seen": seen["completion_tokens"]})
+    parity = check_parity(reference, facts, TRAINED_FACTS, cfg, parity)
     metrics: dict[str, Any] = {
         "train_loss": float(output.training_loss),
         "steps": int(trainer.state.global_step),
+        "pairs_seen": seen["pairs"],
+        "tokens_seen": seen["tokens"],
+        "learning_rate": args["learning_rate"],
         "final_reward_accuracy": _final(history, "rewards/accuracies"),
         "final_reward_margin": _final(history, "rewards/margins"),
         "pairs_used": data["pairs_used"],
@@ -861,6 +971,9 @@ def train_dpo(
             **{k: data[k] for k in ("eos_token_id", "bos_token_id", "implicit_bos_stripped")},
         },
         "history": history,
+        "learning_curve": learning_curve(history),
+        "parity_facts": facts,
+        "parity": parity.as_dict(),
         **metrics,
         "ref_cache": {"hit": ref["hit"], "key": ref["key"], "path": ref["path"], "parts": ref.get("parts"),
                       "forward_batches": trainer.ref_forward_batches},
