@@ -33,6 +33,7 @@ from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from ..files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from .analysis import ALL, find_comparison  # noqa: E402
+from .training_summary import budget_notes  # noqa: E402
 
 DPI = 130
 # Fixed colours for the pipeline's models; extras take the rest in order.
@@ -599,6 +600,72 @@ def summaries_section(summaries: Mapping[str, Any] | None) -> Section | None:
     return Section("Data and training", "summaries", blocks)
 
 
+QUESTION_MODELS = {"Q2": "dpo vs sft", "Q3": "dpo vs dpo_only"}
+def _budget_rows(budgets: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for model, parts in budgets.items():
+        if not parts:
+            rows.append([model, "none (prompted only)", "—", "—", "—", "—"])
+        for kind, b in parts.items():
+            if kind == "sft":
+                rows.append([model, "SFT", f"{b['examples']} examples", f"{b['epochs']:g}", str(b["steps"]),
+                             f"{b['tokens']:,}"])
+            else:
+                rows.append([model, f"DPO (lr {b['learning_rate']:g})", f"{b['pairs']} pairs ({b['pairs_seen']} seen)",
+                             f"{b['epochs']:g}", str(b["steps"]), f"{b['tokens_seen']:,}"])
+    return rows
+
+
+def _diagnostic_rows(d: Mapping[str, Any]) -> list[list[str]]:
+    sep, length, margin = d["surface_separable"], d["length"], d["margin"]
+    defs = d["definitions"]
+    rows = [
+        ["surface-separable", f"{pct(sep['share'])} ({sep['count']} of {d['pairs']}; "
+         + ", ".join(f"{k}: {v}" for k, v in sep["by_rule"].items()) + ")", defs["surface_separable"]],
+        ["rejected longer", f"{pct(length['rejected_longer'])} (chosen longer {pct(length['chosen_longer'])}, "
+         f"same {pct(length['same_length'])})", defs["length"]],
+    ]
+    if margin["n"]:
+        q = margin["quantiles"]
+        rows.append(["SFT-model margin", f"min {q['q00']:.2f}, quartiles {q['q25']:.2f} / {q['q50']:.2f} / "
+                     f"{q['q75']:.2f}, max {q['q100']:.2f}; already ranked {pct(margin['already_ranked'])}, "
+                     f"confident (> {margin['confident_margin']:g}) {pct(margin['confident'])}", defs["margin"]])
+    rows.append(["sources", ", ".join(f"{k}: {v}" for k, v in d["sources"].items() if v) or "—", defs["sources"]])
+    return rows
+
+
+def training_section(training: Mapping[str, Any] | None) -> Section | None:
+    """Each model's training budget with the notes for Q2 and Q3, the DPO parity check and the
+    diagnostics of the preference pairs (both DPO runs' curves are in the training-curves figure)."""
+    if not training:
+        return None
+    blocks: list = [
+        Para("Training budget of each evaluated model (a trained model's budget includes the training it "
+             "started from); the training-curves figure shows both DPO runs side by side:"),
+        Table(["model", "training", "data", "epochs", "steps", "tokens seen"], _budget_rows(training["budgets"]),
+              numeric=[False, False, False, True, True, True]),
+    ]
+    notes = budget_notes(training)
+    if notes:
+        blocks.append(Bullets([f"{q} ({QUESTION_MODELS[q]}): {line}" for q, lines in notes.items() for line in lines]))
+    parity = training.get("parity")
+    if parity:
+        declared = parity["declared_differences"]
+        blocks.append(Para(f"DPO parity, checked against the {parity['checked_against']} run: the same "
+                           f"{', '.join(parity['same'])}; declared differences: "
+                           f"{'; '.join(declared) if declared else 'none'}."))
+    pairs = training.get("pairs")
+    if pairs:
+        d = pairs["diagnostics"]
+        no_pair = ", ".join(f"{k}: {v}" for k, v in pairs["no_pair"].items()) or "none"
+        blocks += [
+            Para(f"Preference pairs: {pairs['pairs']} from {pairs['prompts']} DPO prompts (never SFT prompts), "
+                 f"{pairs['samples_per_prompt']} samples of the SFT model each; prompts without a pair: {no_pair}."),
+            Table(["diagnostic", "value", "definition"], _diagnostic_rows(d), numeric=[False, False, False]),
+        ]
+    return Section("Training budgets, DPO parity and pairs", "training", blocks)
+
+
 def samples_section(samples: Sequence[dict] | None, models: Sequence[str]) -> Section | None:
     if not samples:
         return None
@@ -618,7 +685,7 @@ def provenance_section(provenance: Mapping[str, Any] | None) -> Section | None:
     return Section("Provenance", "provenance", [Table(["key", "value"], rows)])
 
 
-def build_sections(results, images, samples, baseline, summaries, provenance) -> list[Section]:
+def build_sections(results, images, samples, baseline, summaries, provenance, training=None) -> list[Section]:
     sections = [
         headline_section(results),
         plots_section(images),
@@ -629,6 +696,7 @@ def build_sections(results, images, samples, baseline, summaries, provenance) ->
         judge_section(results),
         baseline_section(baseline),
         summaries_section(summaries),
+        training_section(training),
         samples_section(samples, results["models"]),
         provenance_section(provenance),
     ]
@@ -888,14 +956,17 @@ def write_report(
     summaries: dict | None = None,
     provenance: dict | None = None,
     curves: dict | None = None,
+    training: dict | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html and the PNG plots into out_dir; return them by name
     ("markdown", "html", and each plot's stem: "pass_rates", "categories", "deltas",
-    "training_curves" when ``curves`` holds a training history)."""
+    "training_curves" when ``curves`` holds a training history). ``training``:
+    :func:`~cai_bootstrap.evaluation.training_summary.training_summary` of the run (budgets, DPO
+    parity, pair diagnostics)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = make_images(results, curves)
-    sections = build_sections(results, images, samples, baseline, summaries, provenance)
+    sections = build_sections(results, images, samples, baseline, summaries, provenance, training)
     title = "cai-bootstrap evaluation report"
     subtitle = (f"{results['n_items']} held-out items · models: {', '.join(results['models'])} · "
                 f"verdict: {results['verdict']['verdict']}")

@@ -30,10 +30,8 @@ from ..models.loading import free, load_model
 from ..run import Run
 from ..schemas import InstructionRecord, PreferencePair, load_jsonl
 from ..training.logprobs import completion_logprobs
-from .common import INSTRUCTIONS, NEGATIVES, PAIRS, PROMPT_SPLIT, SFT_DIR, TMP, writer_adapters, writer_label
+from .common import INSTRUCTIONS, NEGATIVES, PAIRS, PAIRS_REPORT, PROMPT_SPLIT, SFT_DIR, TMP, writer_adapters, writer_label
 from .generator import Generator
-
-PAIRS_REPORT = "data/pairs_report.json"
 
 
 def sample_responses(gen: Generator, config: PipelineConfig,

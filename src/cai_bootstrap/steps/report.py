@@ -9,10 +9,12 @@ from ..console import console
 from ..evaluation import ifeval
 from ..evaluation.analysis import analyze, score_all, select_samples
 from ..evaluation.report import headline_table, write_report
+from ..evaluation.training_summary import training_summary
 from ..files import atomic_write_json, write_jsonl
 from ..run import Run, RunStateError
 from ..schemas import EvalResponse, InstructionRecord, load_jsonl
-from .common import BASELINE, DPO_DIR, DPO_ONLY_DIR, REPORT_DIR, RESPONSES_DIR, RESULTS, SCORES, SFT_DIR, TEST
+from .common import (BASELINE, DPO_DIR, DPO_ONLY_DIR, PAIRS_REPORT, REPORT_DIR, RESPONSES_DIR, RESULTS, SCORES, SFT_DIR,
+                     TEST)
 from ..evaluation.judge import JudgeScore
 from .evaluate import EVALUATION, JUDGE
 
@@ -78,6 +80,15 @@ def training_curves(run: Run) -> dict[str, dict]:
     return out
 
 
+def training_facts(run: Run, records: dict[str, dict]) -> dict | None:
+    """Budgets, DPO parity and pair diagnostics from the trainings' training.json (``records``, by
+    model) and the pairs report (None before any model was trained)."""
+    if not records:
+        return None
+    pairs = json.loads(run.path(PAIRS_REPORT).read_text()) if run.path(PAIRS_REPORT).exists() else None
+    return training_summary(records, pairs)
+
+
 def build_report(run: Run) -> dict:
     """Score saved responses, compute statistics, write results.json and the report. No model is loaded."""
     evaluation = json.loads(run.path(EVALUATION).read_text()) if run.path(EVALUATION).exists() else {}
@@ -91,9 +102,10 @@ def build_report(run: Run) -> dict:
     write_jsonl(run.path(SCORES), scores)
     atomic_write_json(run.path(RESULTS), results)
     baseline = json.loads(run.path(BASELINE).read_text()) if run.path(BASELINE).exists() else None
+    curves = training_curves(run)
     paths = write_report(results, out_dir=run.path(REPORT_DIR), samples=select_samples(items, responses, n=N_SAMPLES, seed=run.config.seed),
                          baseline=baseline, summaries=step_summaries(run), provenance=provenance(run, evaluation),
-                         curves=training_curves(run))
+                         curves=curves, training=training_facts(run, curves))
     return {"results": results, "paths": paths}
 
 
