@@ -28,7 +28,7 @@ TINY_COUNTS = [
     "instructions.self_instruct_max_new_tokens=48",
     "sft_data.max_instructions=24", "sft_data.max_new_tokens=32",
     "sft.epochs=2", "sft.batch_size=4", "sft.save_steps=1000",
-    "pairs.max_new_tokens=24",
+    "pairs.max_new_tokens=24", "pairs.max_prompts=32",
     "dpo.max_steps=2", "dpo.batch_size=4",
     "evaluation.max_new_tokens=24", "evaluation.bootstrap_resamples=500",
 ]

@@ -24,7 +24,7 @@ from cai_bootstrap.data.negatives import (
     constraint_violations,
 )
 from cai_bootstrap.data.pairs import allocate, plan_kinds
-from cai_bootstrap.formats import END_SUFFIX, completion_for, prompt_for
+from cai_bootstrap.formats import END_SUFFIX, completion_for
 from cai_bootstrap.quality import is_refusal, matches_reference, topic_overlap
 from cai_bootstrap.schemas import InstructionRecord
 
