@@ -52,7 +52,8 @@ def s(text: str, ending: str = "end") -> Sample:
 
 
 FRANCE = rec("q-fr", "What is the capital of France?", "qa", ["Paris"], template="qa-capital")
-LIST3 = rec("c-list", "List three fruits.", "format", constraints=[{"type": "num_list_items", "n": 3}])
+LIST3 = rec("c-list", "List three fruits as bullet points.", "format",
+            constraints=[{"type": "detectable_format:number_bullet_lists", "num_bullets": 3}])
 SEA = rec("o-sea", "Describe the sea in one sentence.", "open")
 
 

@@ -73,7 +73,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -294,8 +294,7 @@ class Parity:
     declared_differences: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"checked_against": self.checked_against, "same": self.same,
-                "declared_differences": self.declared_differences}
+        return asdict(self)
 
 
 def check_parity(
