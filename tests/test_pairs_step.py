@@ -110,3 +110,27 @@ def test_sampling_gives_n_seeded_samples_per_prompt(tiny_model_folder):
     assert list(first) == [it.id for it in items] and all(len(v) == 3 for v in first.values())
     # three seeds, three draws: the random model's samples of one prompt differ
     assert sum(len({x.raw_text for x in v}) > 1 for v in first.values()) >= 4
+
+
+def test_critic_ranks_only_the_ties_and_is_checked_against_the_verified_pairs(tmp_path, tiny_model_folder,
+                                                                            monkeypatch):
+    run = Run(tmp_path, tiny_config(tiny_model_folder, "instructions.dpo_share=0.4", "pairs.synthetic_share=0",
+                                    "pairs.critic.enabled=true", "pairs.critic.min_gap=0"))
+    run_instructions(run)
+    _, dpo_items = load_split(run.path(PROMPT_SPLIT), load_jsonl(run.path(INSTRUCTIONS), InstructionRecord))
+    fresh_adapter(tiny_model_folder, run.path(SFT_DIR))
+    monkeypatch.setattr(pairs_step, "sample_responses", scripted)
+    assert pairs_step.run_pairs(run)
+    report = json.loads(run.path("data/pairs_report.json").read_text())
+    ok = Sample("One plain answer.", "", "\nEND", "stop")
+    ties = sum(not it.reference_answers and problem(it, ok) is None for it in dpo_items)
+    verified = report["basis"].get("verified:incorrect_answer", 0) + report["basis"].get("verified:constraint_failed", 0)
+    assert ties and verified
+    assert report["critic"]["enabled"] is True and report["critic"]["prompts_scored"] == ties
+    assert report["critic"]["verified_pairs_checked"] == verified  # both sides end with END
+    assert 0 <= report["critic"]["agrees_with_checks"] <= verified
+    # with no minimum gap every tie becomes a critic pair (the random model's margins are never equal)
+    assert report["basis"]["critic"] == ties and "all_tie" not in report["no_pair"]
+    pairs = load_jsonl(run.path("data/pairs.jsonl"), PreferencePair)
+    critic_pairs = [p for p in pairs if p.rejected in (" One plain answer.\nEND", " Another plain answer.\nEND")]
+    assert len(critic_pairs) == ties and all(p.chosen != p.rejected for p in critic_pairs)
