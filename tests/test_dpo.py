@@ -297,10 +297,6 @@ def test_short_run_each_loss(loss_type, tiny_model_folder, sft_adapter, tmp_path
     loaded = load_model(str(tiny_model_folder), adapters=[result.adapter_dir])  # the adapter loads
     assert loaded.model is not None
 
-    curve = rec["learning_curve"]
-    assert [c["step"] for c in curve] == [1, 2]
-    assert [c["loss"] for c in curve] == [h["loss"] for h in rec["history"]]
-    assert curve[-1]["reward_margin"] == rec["final_reward_margin"] and {"reward_accuracy", "epoch"} <= set(curve[0])
     assert rec["pairs_seen"] == 2 * 4 and rec["tokens_seen"] == rec["parity_facts"]["tokens_seen"] > 0
     assert rec["parity"] == {"checked_against": None, "same": [], "declared_differences": []}
 
@@ -309,7 +305,7 @@ def test_short_run_each_loss(loss_type, tiny_model_folder, sft_adapter, tmp_path
         train_dpo("base", str(tiny_model_folder), make_pairs(), declared, out_dir=tmp_path / "dpo_only",
                   seed=0, reference=rec["parity_facts"], cache_dir=shared_ref_cache)
         other = json.loads((tmp_path / "dpo_only" / "training.json").read_text())
-        assert other["learning_rate"] == 2e-2 and other["learning_curve"][0]["learning_rate"] == 2e-2
+        assert other["learning_rate"] == other["trainer_args"]["learning_rate"] == 2e-2
         assert other["parity"] == {
             "checked_against": "dpo", "same": [k for k in (*dpo.PLANNED_FACTS, *dpo.TRAINED_FACTS) if k != "trainer_args"],
             "declared_differences": ["learning_rate: 0.01 != 0.02 (declared by dpo.dpo_only_learning_rate)"]}

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from cai_bootstrap.config import ConfigError, load_config
+from cai_bootstrap.data import pairs as pairs_data
+from cai_bootstrap.data.ranking import Choice
 from cai_bootstrap.experiment import runner
 from cai_bootstrap.experiment.cost import estimate
 from cai_bootstrap.experiment.plan import SHARED_DATA, check_base_config, plan_runs, run_config
@@ -18,7 +20,6 @@ from cai_bootstrap.models.loading import fingerprint, load_model
 from cai_bootstrap.run import Run, RunStateError
 from cai_bootstrap.schemas import SFTRecord, load_jsonl
 from cai_bootstrap.steps import dpo as dpo_step
-from cai_bootstrap.steps import pairs as pairs_step
 from cai_bootstrap.steps import sft_data as sft_data_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -114,7 +115,8 @@ def experiment(tiny_model_folder, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     # the random tiny model never writes a response that passes QC: keep its text as it is
     mp.setattr(sft_data_step, "qc_reason", lambda *a: None)
-    mp.setattr(pairs_step, "qc_reason", lambda *a: None)
+    # ... nor a sample that passes the pair checks: its first two samples are chosen and rejected
+    mp.setattr(pairs_data, "choose_pair", lambda item, samples, *a, **k: Choice(0, 1, "verified:stub", (None, "stub")))
     out = tmp_path_factory.mktemp("experiment")
     cfg = tiny_config(tiny_model_folder)
     real_training = dpo_step.train_dpo_here

@@ -15,11 +15,8 @@ SFT = {"examples": {"given": 120, "kept": 118, "train": 106, "eval": 12}, "hyper
 
 
 def dpo_record(init, lr=5e-4, steps=22, tokens=40000, declared=(), against=None):
-    curve = [{"step": k, "epoch": k / 11, "loss": 0.69 - 0.01 * k, "reward_accuracy": min(1.0, 0.05 * k),
-              "reward_margin": 0.02 * k, "learning_rate": lr} for k in range(1, steps + 1)]
     return {"init": init, "pairs_used": 85, "steps": steps, "pairs_seen": 170, "tokens_seen": tokens,
             "learning_rate": lr, "trainer_args": {"num_train_epochs": 2.0, "max_steps": -1},
-            "learning_curve": curve,
             "parity": {"checked_against": against, "same": ["lora_args", "steps"],
                        "declared_differences": list(declared)}}
 

@@ -90,5 +90,6 @@ def run_dpo(run: Run, init: str, force: bool = False, accelerate_config: Path | 
         step.provenance["parity_checked_against"] = record["parity"]["checked_against"]
         step.metrics.update({k: record[k] for k in SUMMARY_KEYS})
         step.metrics["mixed_precision"] = record["mixed_precision"]["used"]
+        step.metrics["loss_history"] = [h["loss"] for h in record["history"]]
     console.print(f"{name}: done ({', '.join(f'{k}={v}' for k, v in step.metrics.items() if 'reward' in k)})")
     return True

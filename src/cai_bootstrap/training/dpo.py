@@ -13,8 +13,8 @@ steps, the pairs and tokens it saw (known after). The second run compares its fa
 run's: before loading anything and again after training, and fails (:class:`ParityError`) on any
 difference but the output path and the *declared* ones: ``dpo.dpo_only_learning_rate`` gives the
 DPO-only run its own learning rate, an explicit override that the check reports as a declared
-difference. Each run also records its learning curve (loss, reward accuracy and margin per logged
-step).
+difference. Each run's learning curve is its ``history`` (loss, reward accuracy and margin per
+logged step), which the report plots for both runs side by side.
 
 **The reference model.** With a PEFT policy and no ``ref_model``, TRL 1.16 keeps no second model: it
 computes the reference log-probabilities with the adapter disabled (``use_adapter(model, None)`` ->
@@ -826,16 +826,6 @@ def _summed(accelerator, counts: dict[str, int]) -> dict[str, int]:
     return {k: int(v) for k, v in zip(keys, total.tolist())}
 
 
-# TRL's log keys -> the learning curve's.
-CURVE_KEYS = {"step": "step", "epoch": "epoch", "loss": "loss", "rewards/accuracies": "reward_accuracy",
-              "rewards/margins": "reward_margin", "learning_rate": "learning_rate"}
-
-
-def learning_curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Loss, reward accuracy and reward margin (chosen minus rejected implicit reward) per logged step."""
-    return [{name: entry[key] for key, name in CURVE_KEYS.items() if key in entry} for entry in history]
-
-
 def _final(history: list[dict[str, Any]], key: str) -> float | None:
     for entry in reversed(history):
         if key in entry:
@@ -970,7 +960,6 @@ def train_dpo(
             **{k: data[k] for k in ("eos_token_id", "bos_token_id", "implicit_bos_stripped")},
         },
         "history": history,
-        "learning_curve": learning_curve(history),
         "parity_facts": facts,
         "parity": parity.as_dict(),
         **metrics,
