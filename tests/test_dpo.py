@@ -146,7 +146,12 @@ def test_parity_check_what_makes_the_comparison_fair(tmp_path, tiny_model_folder
     assert differences(facts(cfg, "base", tmp_path, pairs=make_pairs(5)))[0].startswith("pairs_sha256: ")
     assert differences(facts(cfg, "base", tmp_path, processes=2)) == [
         "num_processes: 1 != 2 (the global batch differs)"]
-    assert check_parity(ref, facts(cfg, "base", tmp_path, processes=None), dpo.PLANNED_FACTS, cfg)  # unknown: skipped
+    # unknown here (the parent of launched processes): skipped, the processes check them
+    assert check_parity(ref, facts(cfg, "base", tmp_path, processes=None), dpo.PLANNED_FACTS, cfg)
+    unknown = dpo.planned_facts(cfg, "base", None, out_dir=tmp_path, seed=3, dtype="float32", quantization="none",
+                                processes=None)
+    assert unknown["pairs_sha256"] is None
+    assert check_parity(ref, unknown, dpo.PLANNED_FACTS, cfg).same == ["trainer_args", "lora_args", "precision"]
     other_lora = facts(DPOConfig(lora={"r": 8}), "base", tmp_path)
     assert differences(other_lora) == ["lora.r: 16 != 8"]
     other = "no" if ref["precision"]["mixed_precision"] == "bf16" else "bf16"  # e.g. run on another machine

@@ -72,8 +72,7 @@ def run_dpo(run: Run, init: str, force: bool = False, accelerate_config: Path | 
             # fail here, with the differences, rather than in every launched process
             m = config.model
             backend = choose(config.cpu_backend, default_device(), strategy_of_config(accelerate_config))
-            facts = planned_facts(config.dpo, init, load_jsonl(run.path(PAIRS), PreferencePair),
-                                  out_dir=run.path(out), seed=config.seed, dtype=m.dtype,
+            facts = planned_facts(config.dpo, init, None, out_dir=run.path(out), seed=config.seed, dtype=m.dtype,
                                   quantization=m.train_quantization, processes=None, tracking=config.tracking,
                                   run_name=tracking_name(run.dir, name), backend=backend)
             check_parity(reference, facts, PLANNED_FACTS, config.dpo)

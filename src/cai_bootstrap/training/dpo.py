@@ -262,7 +262,7 @@ def launched_processes() -> int:
 def planned_facts(
     cfg: DPOConfig,
     init: Init,
-    pairs: Sequence[PreferencePair],
+    pairs: Sequence[PreferencePair] | None,
     *,
     out_dir: Path,
     seed: int,
@@ -273,7 +273,8 @@ def planned_facts(
     run_name: str | None = None,
     backend: CPUBackend | None = None,
 ) -> dict[str, Any]:
-    """The run's facts known before training (``PLANNED_FACTS``; ``processes`` None: not known here)."""
+    """The run's facts known before training (``PLANNED_FACTS``; ``pairs`` / ``processes`` None: not
+    known here, as in the parent of launched processes, which check them themselves)."""
     return {
         "init": init,
         "trainer_args": trainer_arguments(cfg, out_dir=out_dir, seed=seed, init=init, tracking=tracking,
@@ -281,7 +282,7 @@ def planned_facts(
         "lora_args": lora_arguments(cfg),
         "num_processes": processes,
         "precision": {"mixed_precision": mixed_precision(cfg)[0], "dtype": dtype, "quantization": quantization},
-        "pairs_sha256": pairs_sha(pairs),
+        "pairs_sha256": None if pairs is None else pairs_sha(pairs),
     }
 
 
