@@ -61,6 +61,10 @@ def engine_processes() -> list[str]:
             title = " ".join([p.name(), *p.cmdline()])
         except psutil.NoSuchProcess:
             continue
+        # multiprocessing's resource tracker serves this test process until it exits; its command
+        # line names the vLLM venv's python, but it is not part of an engine
+        if "multiprocessing.resource_tracker" in title:
+            continue
         if "VLLM" in title or "vllm" in title:
             names.append(title)
     return names
