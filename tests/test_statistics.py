@@ -1,4 +1,4 @@
-"""Known-answer tests for the paired statistics (against scipy and hand computations)."""
+"""Known-answer tests for the paired statistics (against scipy, published values and hand computations)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from scipy import stats
 from cai_bootstrap.evaluation.statistics import (
     EXACT_BELOW,
     PairComparison,
+    PairedTable,
     adjust_all,
     benjamini_hochberg,
     cohens_h,
     compare_pair,
     mcnemar,
     min_detectable_difference,
-    paired_bootstrap_diff,
+    paired_difference_interval,
     summarize,
     wilson_interval,
 )
@@ -161,55 +162,69 @@ def test_bh_caps_and_empty():
         benjamini_hochberg([0.5, 1.5])
 
 
-# ------------------------------------------------------------------------------ Bootstrap
+# ------------------------------------------------------------- Newcombe's paired interval
 
 
-def test_bootstrap_deterministic_for_seed():
-    a, b = pairs(30, 18, both=40, neither=12)
-    first = paired_bootstrap_diff(a, b, n_resamples=2000, seed=7)
-    assert paired_bootstrap_diff(a, b, n_resamples=2000, seed=7) == first
-    assert paired_bootstrap_diff(a, b, n_resamples=2000, seed=8) != first
-    assert first[0] == pytest.approx(12 / 100)
+def test_newcombe_published_value():
+    # Fagerland, Lydersen & Laake, "Statistical Analysis of Contingency Tables" (ch. 8, Cavo et al.
+    # 2012): both 59, only first 6, only second 16, neither 80 -> -0.0621 (95% CI -0.1186 to -0.0046),
+    # as the R package contingencytables' tests check.
+    t = PairedTable(both=59, only_a=6, only_b=16, neither=80)
+    low, high = paired_difference_interval(t)
+    assert (6 - 16) / 161 == pytest.approx(-0.0621, abs=5e-5)
+    assert low == pytest.approx(-0.1186, abs=5e-5)
+    assert high == pytest.approx(-0.0046, abs=5e-5)
 
 
-@settings(max_examples=60, deadline=None)
-@given(data=st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=80))
-def test_bootstrap_interval_contains_observed(data):
-    a, b = [x for x, _ in data], [y for _, y in data]
-    diff, low, high = paired_bootstrap_diff(a, b, n_resamples=1000, seed=0)
-    assert diff == pytest.approx((sum(a) - sum(b)) / len(a))
-    assert -1.0 <= low <= diff <= high <= 1.0
+def test_newcombe_without_correlation_is_square_and_add_of_wilson():
+    # A table with both*neither - only_a*only_b in [0, n/2] has phi = 0: the interval is the plain
+    # square-and-add of the two Wilson intervals.
+    t = PairedTable(both=10, only_a=5, only_b=4, neither=6)  # 60 - 20 = 40 > n/2 = 12.5 -> corrected
+    t0 = PairedTable(both=5, only_a=5, only_b=5, neither=5)  # 25 - 25 = 0 -> phi = 0
+    n = t0.n
+    p_a = p_b = 10 / n
+    l_a, u_a = wilson_interval(10, n)
+    low, high = paired_difference_interval(t0)
+    assert low == pytest.approx(0 - math.hypot(p_a - l_a, u_a - p_b))
+    assert high == pytest.approx(0 + math.hypot(p_b - l_a, u_a - p_a))
+    # positive correlation narrows the interval against phi = 0
+    l_c, h_c = paired_difference_interval(t)
+    pa, pb = 15 / 25, 14 / 25
+    (la, ua), (lb, ub) = wilson_interval(15, 25), wilson_interval(14, 25)
+    assert h_c - l_c < math.hypot(pa - la, ub - pb) + math.hypot(pb - lb, ua - pa)
 
 
-def test_bootstrap_identical_inputs():
-    a = [True, False, True, True, False]
-    assert paired_bootstrap_diff(a, list(a)) == (0.0, 0.0, 0.0)
+def test_newcombe_keeps_its_width_without_discordant_items():
+    # A bootstrap interval collapses to [0, 0] here; the score interval narrows only with n.
+    low, high = paired_difference_interval(PairedTable(both=40, only_a=0, only_b=0, neither=0))
+    assert low < 0 < high and high == pytest.approx(-low)
+    assert high == pytest.approx(1 - wilson_interval(40, 40)[0])
+    small = paired_difference_interval(PairedTable(both=10, only_a=0, only_b=0, neither=0))
+    assert small[1] > high
+    assert paired_difference_interval(PairedTable(0, 0, 0, 0)) == (-1.0, 1.0)
 
 
-def test_bootstrap_width_shrinks_with_n():
-    widths = []
-    for scale in (1, 4, 16):
-        a, b = pairs(6 * scale, 4 * scale, both=5 * scale, neither=5 * scale)
-        _, low, high = paired_bootstrap_diff(a, b, n_resamples=4000, seed=1)
-        widths.append(high - low)
-    assert widths[0] > widths[1] > widths[2]
-    # and about halves for 4x the items (the standard error goes as 1/sqrt(n))
-    assert widths[1] / widths[0] == pytest.approx(0.5, abs=0.1)
+@settings(max_examples=80, deadline=None)
+@given(cells=st.tuples(*[st.integers(0, 30)] * 4).filter(lambda c: sum(c) > 0))
+def test_newcombe_contains_the_estimate_and_is_antisymmetric(cells):
+    t = PairedTable(*cells)
+    d = (t.only_a - t.only_b) / t.n
+    low, high = paired_difference_interval(t)
+    assert -1.0 <= low <= d <= high <= 1.0
+    swapped = paired_difference_interval(PairedTable(t.both, t.only_b, t.only_a, t.neither))
+    assert swapped == pytest.approx((-high, -low), abs=1e-12)
 
 
-def test_bootstrap_matches_normal_approximation():
-    # large n: interval ~ diff +- z * sd(d_i) / sqrt(n)
-    a, b = pairs(300, 200, both=300, neither=200)
-    diff, low, high = paired_bootstrap_diff(a, b, n_resamples=10_000, seed=3)
-    d = np.array(a, dtype=float) - np.array(b, dtype=float)
-    half = Z95 * d.std() / math.sqrt(d.size)
-    assert low == pytest.approx(diff - half, abs=0.004)
-    assert high == pytest.approx(diff + half, abs=0.004)
-
-
-def test_bootstrap_rejects_empty():
-    with pytest.raises(ValueError):
-        paired_bootstrap_diff([], [])
+def test_newcombe_coverage_is_near_nominal():
+    # Simulated paired outcomes with a known difference: the 95% interval covers it about 95% of
+    # the time (Newcombe's method 10 is slightly conservative; a Wald interval undercovers here).
+    rng = np.random.default_rng(0)
+    probs = [0.55, 0.12, 0.05, 0.28]  # both, only a, only b, neither: true difference 0.07
+    n, runs, covered = 60, 1500, 0
+    for cells in rng.multinomial(n, probs, size=runs):
+        low, high = paired_difference_interval(PairedTable(*map(int, cells)))
+        covered += low <= 0.07 <= high
+    assert 0.93 <= covered / runs <= 0.985
 
 
 # ------------------------------------------------------------------------------- Cohen's h
@@ -267,7 +282,7 @@ def test_compare_pair_drops_none_positions():
     a = [True, None, True, False, True, False, None]
     b = [False, True, None, False, True, True, None]
     # kept positions 0, 3, 4, 5: a = T F T F, b = F F T T
-    result = compare_pair(a, b, seed=0, n_resamples=500)
+    result = compare_pair(a, b)
     assert result.n == 4
     assert (result.rate_a, result.rate_b, result.difference) == (0.5, 0.5, 0.0)
     assert (result.mcnemar.b_only_a, result.mcnemar.b_only_b) == (1, 1)
@@ -277,11 +292,13 @@ def test_compare_pair_drops_none_positions():
 
 def test_compare_pair_values_and_json():
     a, b = pairs(20, 5, both=60, neither=15)
-    result = compare_pair(a + [None], b + [True], seed=1, n_resamples=2000)
+    result = compare_pair(a + [None], b + [True])
     assert result.n == 100
     assert (result.rate_a, result.rate_b) == (0.8, 0.65)
     assert result.difference == pytest.approx(0.15)
+    assert (result.ci_low, result.ci_high) == paired_difference_interval(PairedTable(60, 20, 5, 15))
     assert result.ci_low < 0.15 < result.ci_high and result.ci_low > 0
+    assert result.discordant_rate == pytest.approx(0.25)
     assert result.mcnemar == mcnemar(a, b)
     assert result.cohens_h == pytest.approx(cohens_h(0.8, 0.65))
     assert json.loads(json.dumps(asdict(result)))["mcnemar"]["method"] == "chi2_cc"
@@ -305,9 +322,9 @@ def test_summarize_ignores_none():
 
 def test_adjust_all_fills_adjusted_p_values():
     comparisons = [
-        compare_pair(*pairs(30, 2), n_resamples=200),  # strong effect
-        compare_pair(*pairs(5, 4), n_resamples=200),  # none
-        compare_pair(*pairs(12, 3), n_resamples=200),  # p = 0.035, adjusted 3/2 * 0.035
+        compare_pair(*pairs(30, 2)),  # strong effect
+        compare_pair(*pairs(5, 4)),  # none
+        compare_pair(*pairs(12, 3)),  # p = 0.035, adjusted 3/2 * 0.035
     ]
     raw = [c.mcnemar.p_value for c in comparisons]
     assert raw[2] == pytest.approx(2 * (1 + 15 + 105 + 455) / 2**15)

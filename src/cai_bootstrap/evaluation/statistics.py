@@ -4,12 +4,18 @@ Every model answers the same test items, and each criterion gives a pass/fail pe
 ``None`` where the criterion does not apply to that item). Because the items are shared, the
 comparisons between two models are *paired*:
 
-- :func:`summarize` gives one model's pass rate with a Wilson score interval.
+- :func:`summarize` gives one model's pass rate with a Wilson score interval (statsmodels'
+  ``proportion_confint``).
 - :func:`compare_pair` compares two models on the items where the criterion applies to both:
-  difference in pass rate with a paired bootstrap interval, McNemar's test and Cohen's h.
-- :func:`adjust_all` applies the Benjamini-Hochberg correction across all comparisons of a report,
-  so that it can show raw and adjusted p-values and a ``significant`` flag after correction.
-- :func:`min_detectable_difference` says how large a difference the test set can detect at all.
+  the difference in pass rate with Newcombe's hybrid score interval for paired data, McNemar's
+  test (statsmodels) and Cohen's h.
+- :func:`adjust_all` applies Benjamini-Hochberg (statsmodels' ``multipletests``) across one family
+  of comparisons, filling in adjusted p-values and a ``significant`` flag.
+- :func:`min_detectable_difference` says how large a difference a test set can detect at all.
+
+The library does what it provides; what statsmodels lacks (a confidence interval for a paired
+difference of proportions, McNemar's power) is written out here with its formula and tested
+against published values.
 
 Everything returned is plain ``int``/``float``/``bool``/``None`` (dataclasses that
 ``dataclasses.asdict`` turns into JSON-serialisable dictionaries).
@@ -24,6 +30,9 @@ from typing import Literal
 
 import numpy as np
 from scipy import stats
+from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint, proportion_effectsize
 
 # Below this many discordant pairs McNemar's test uses the exact binomial distribution.
 EXACT_BELOW = 25
@@ -67,10 +76,11 @@ class PairComparison:
     rate_a: float
     rate_b: float
     difference: float  # rate_a - rate_b
-    ci_low: float  # paired percentile bootstrap interval of the difference
+    ci_low: float  # Newcombe's hybrid score interval of the paired difference
     ci_high: float
     mcnemar: McNemarResult
     cohens_h: float  # h(rate_a, rate_b)
+    discordant_rate: float  # share of the n items where exactly one model passes
     p_adjusted: float | None = None
     significant: bool | None = None
 
@@ -83,12 +93,6 @@ class PairComparison:
 def _check_probability(value: float, name: str) -> None:
     if not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {value}")
-
-
-def _two_sided_z(confidence: float) -> float:
-    """The normal quantile z with P(-z < Z < z) = confidence."""
-    _check_probability(confidence, "confidence")
-    return float(stats.norm.ppf(0.5 + confidence / 2.0))
 
 
 def _as_bools(values: Sequence[bool], name: str) -> np.ndarray:
@@ -107,132 +111,125 @@ def _paired(a: Sequence[bool], b: Sequence[bool]) -> tuple[np.ndarray, np.ndarra
     return _as_bools(a, "a"), _as_bools(b, "b")
 
 
+@dataclass(frozen=True)
+class PairedTable:
+    """The 2x2 table of paired outcomes: items both pass, only a, only b, neither."""
+
+    both: int
+    only_a: int
+    only_b: int
+    neither: int
+
+    @property
+    def n(self) -> int:
+        return self.both + self.only_a + self.only_b + self.neither
+
+    @classmethod
+    def of(cls, a: Sequence[bool], b: Sequence[bool]) -> PairedTable:
+        x, y = _paired(a, b)
+        return cls(int(np.sum(x & y)), int(np.sum(x & ~y)), int(np.sum(~x & y)), int(np.sum(~x & ~y)))
+
+
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n.
-
-    With p = k/n and z the two-sided normal quantile::
-
-        centre    = (p + z^2 / 2n) / (1 + z^2 / n)
-        halfwidth = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)
+    """Wilson score interval for a binomial proportion k/n (statsmodels ``proportion_confint``).
 
     Unlike the normal (Wald) interval it stays inside [0, 1] and is sensible at k = 0 and k = n.
     With no observations (n = 0) nothing is known: the interval is (0.0, 1.0).
     """
     if n < 0 or not 0 <= k <= max(n, 0):
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    z = _two_sided_z(confidence)
+    _check_probability(confidence, "confidence")
     if n == 0:
         return 0.0, 1.0
-    p = k / n
-    denominator = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    halfwidth = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low, high = proportion_confint(k, n, alpha=1.0 - confidence, method="wilson")
     # At k = 0 (k = n) the lower (upper) end is exactly 0 (1); avoid rounding residue there.
-    low = 0.0 if k == 0 else max(0.0, centre - halfwidth)
-    high = 1.0 if k == n else min(1.0, centre + halfwidth)
-    return low, high
+    return (0.0 if k == 0 else float(low)), (1.0 if k == n else float(high))
 
 
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> McNemarResult:
-    """McNemar's test of equal pass rates for paired outcomes ``a[i]``, ``b[i]`` on item i.
+    """McNemar's test of equal pass rates for paired outcomes ``a[i]``, ``b[i]`` on item i
+    (statsmodels ``contingency_tables.mcnemar``).
 
-    With d = b_only_a + b_only_b discordant pairs:
-
-    - d == 0: no evidence of a difference, p = 1.0 (reported as ``exact``);
-    - d < 25: exact two-sided binomial test of b_only_a ~ Binomial(d, 1/2)
-      (``scipy.stats.binomtest``), ``statistic`` is None;
-    - d >= 25: chi2 = (|b_only_a - b_only_b| - 1)^2 / d with 1 degree of freedom (Edwards'
-      continuity correction).
+    With d discordant pairs: d == 0 gives p = 1.0 (reported as ``exact``); d < 25 the exact
+    two-sided binomial test of only_a ~ Binomial(d, 1/2), ``statistic`` None; from 25 on the
+    chi-squared statistic with Edwards' continuity correction, (|only_a - only_b| - 1)^2 / d.
     """
-    a_arr, b_arr = _paired(a, b)
-    only_a = int(np.sum(a_arr & ~b_arr))
-    only_b = int(np.sum(~a_arr & b_arr))
-    discordant = only_a + only_b
-    n = int(a_arr.size)
+    t = PairedTable.of(a, b)
+    discordant = t.only_a + t.only_b
     if discordant == 0:
-        return McNemarResult(n, only_a, only_b, None, 1.0, "exact")
-    if discordant < EXACT_BELOW:
-        p = stats.binomtest(only_a, discordant, 0.5, alternative="two-sided").pvalue
-        return McNemarResult(n, only_a, only_b, None, min(1.0, float(p)), "exact")
-    statistic = (abs(only_a - only_b) - 1) ** 2 / discordant
-    p = stats.chi2.sf(statistic, df=1)
-    return McNemarResult(n, only_a, only_b, float(statistic), float(p), "chi2_cc")
+        return McNemarResult(t.n, t.only_a, t.only_b, None, 1.0, "exact")
+    table = [[t.both, t.only_a], [t.only_b, t.neither]]
+    exact = discordant < EXACT_BELOW
+    result = sm_mcnemar(table, exact=exact, correction=True)
+    p = min(1.0, float(result.pvalue))
+    if exact:
+        return McNemarResult(t.n, t.only_a, t.only_b, None, p, "exact")
+    return McNemarResult(t.n, t.only_a, t.only_b, float(result.statistic), p, "chi2_cc")
 
 
-def paired_bootstrap_diff(
-    a: Sequence[bool],
-    b: Sequence[bool],
-    n_resamples: int = 10_000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """Observed difference in pass rate (a - b) and a paired percentile bootstrap interval.
+def paired_difference_interval(t: PairedTable, confidence: float = 0.95) -> tuple[float, float]:
+    """Newcombe's (1998) hybrid score interval ("method 10") for the difference of two paired
+    proportions, p_a - p_b with p_a = (both + only_a) / n and p_b = (both + only_b) / n.
 
-    The bootstrap resamples *items* with replacement, keeping each item's pair of outcomes
-    together. Per item the paired difference ``a[i] - b[i]`` is +1, 0 or -1, so a resample of n
-    items is fully described by how many of each it drew: a multinomial draw with the observed
-    proportions. Drawing those counts directly (``numpy.random.default_rng(seed).multinomial``)
-    gives exactly the same bootstrap distribution as drawing n indices per resample, in
-    O(n_resamples) memory instead of O(n_resamples * n). Returns ``(difference, low, high)``;
-    deterministic for a seed.
+    Each proportion gets its Wilson interval (l_a, u_a), (l_b, u_b); the two are combined as a
+    square-and-add with the correlation phi of the paired outcomes (continuity-corrected as
+    Newcombe does: with A = both*neither - only_a*only_b, phi uses A - n/2 when A > n/2, 0 when
+    0 <= A <= n/2, A when A < 0, each over sqrt of the four margins; 0 when a margin is 0)::
+
+        low  = d - sqrt((p_a - l_a)^2 - 2 phi (p_a - l_a)(u_b - p_b) + (u_b - p_b)^2)
+        high = d + sqrt((p_b - l_b)^2 - 2 phi (p_b - l_b)(u_a - p_a) + (u_a - p_a)^2)
+
+    statsmodels has no paired interval for a difference, and a percentile bootstrap collapses
+    to [0, 0] when no item is discordant, whatever n is; this interval keeps its width there
+    (the Wilson widths shrink only with n). With n = 0 it is (-1, 1).
     """
-    a_arr, b_arr = _paired(a, b)
-    n = int(a_arr.size)
-    if n == 0:
-        raise ValueError("need at least one paired item")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
     _check_probability(confidence, "confidence")
-
-    d = a_arr.astype(np.int64) - b_arr.astype(np.int64)
-    counts = np.array([np.sum(d == 1), np.sum(d == 0), np.sum(d == -1)], dtype=np.int64)
-    observed = float((counts[0] - counts[2]) / n)
-
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(n, counts / n, size=n_resamples)  # (n_resamples, 3)
-    resampled = (draws[:, 0] - draws[:, 2]) / n
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(resampled, [tail, 1.0 - tail])
-    return observed, float(low), float(high)
+    n = t.n
+    if n == 0:
+        return -1.0, 1.0
+    pass_a, pass_b = t.both + t.only_a, t.both + t.only_b
+    p_a, p_b = pass_a / n, pass_b / n
+    l_a, u_a = wilson_interval(pass_a, n, confidence)
+    l_b, u_b = wilson_interval(pass_b, n, confidence)
+    margins = pass_a * (n - pass_a) * pass_b * (n - pass_b)
+    phi = 0.0
+    if margins > 0:
+        a = t.both * t.neither - t.only_a * t.only_b
+        corrected = a - n / 2 if a > n / 2 else (0.0 if a >= 0 else a)
+        phi = corrected / math.sqrt(margins)
+    d = p_a - p_b
+    low = d - math.sqrt(max(0.0, (p_a - l_a) ** 2 - 2 * phi * (p_a - l_a) * (u_b - p_b) + (u_b - p_b) ** 2))
+    high = d + math.sqrt(max(0.0, (p_b - l_b) ** 2 - 2 * phi * (p_b - l_b) * (u_a - p_a) + (u_a - p_a) ** 2))
+    return max(-1.0, low), min(1.0, high)
 
 
 def cohens_h(p1: float, p2: float) -> float:
-    """Cohen's h effect size between two proportions: 2 asin(sqrt(p1)) - 2 asin(sqrt(p2)).
+    """Cohen's h effect size between two proportions: 2 asin(sqrt(p1)) - 2 asin(sqrt(p2))
+    (statsmodels ``proportion_effectsize``).
 
     Rough guide (Cohen 1988): 0.2 small, 0.5 medium, 0.8 large; the range is [-pi, pi].
     """
     for name, p in (("p1", p1), ("p2", p2)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
-    return 2.0 * math.asin(math.sqrt(p1)) - 2.0 * math.asin(math.sqrt(p2))
+    return float(proportion_effectsize(p1, p2))
 
 
-def benjamini_hochberg(
-    p_values: Sequence[float], q: float = 0.05
-) -> tuple[list[float], list[bool]]:
-    """Benjamini-Hochberg false discovery rate control over m p-values.
-
-    With the p-values sorted ascending, p_(1) <= ... <= p_(m), the adjusted value of p_(i) is
-    ``min_{j >= i} m * p_(j) / j``, capped at 1 (the same as
-    ``scipy.stats.false_discovery_control(p, method="bh")``). Adjusted values are returned in the
-    input order; a hypothesis is rejected when its adjusted p-value is <= q, which is exactly the
-    BH step-up rule "reject p_(1..k) for the largest k with p_(k) <= k q / m".
-    """
+def benjamini_hochberg(p_values: Sequence[float], q: float = 0.05) -> tuple[list[float], list[bool]]:
+    """Benjamini-Hochberg false discovery rate control over m p-values (statsmodels
+    ``multipletests(method="fdr_bh")``): adjusted p-values in the input order, and which are
+    rejected (adjusted p <= q, the step-up rule "reject p_(1..k) for the largest k with
+    p_(k) <= k q / m")."""
     _check_probability(q, "q")
     p = np.asarray(p_values, dtype=float)
     if p.ndim != 1:
         raise ValueError(f"p_values must be one-dimensional, got shape {p.shape}")
     if np.any(np.isnan(p)) or np.any((p < 0) | (p > 1)):
         raise ValueError("p_values must be in [0, 1]")
-    m = p.size
-    if m == 0:
+    if p.size == 0:
         return [], []
-    order = np.argsort(p, kind="stable")
-    ranks = np.arange(1, m + 1)
-    scaled = p[order] * m / ranks
-    adjusted_sorted = np.minimum.accumulate(scaled[::-1])[::-1]  # running min from the largest
-    adjusted = np.empty(m)
-    adjusted[order] = np.minimum(adjusted_sorted, 1.0)
+    _, adjusted, _, _ = multipletests(p, alpha=q, method="fdr_bh")
+    adjusted = np.minimum(adjusted, 1.0)
     return [float(x) for x in adjusted], [bool(x <= q) for x in adjusted]
 
 
@@ -256,10 +253,9 @@ def min_detectable_difference(
 
     which is about sqrt(psi) * (z_a + z_b) / sqrt(n) for large n. Since delta grows with
     sqrt(psi), the default ``discordant_rate=None`` takes the worst case psi = 1, a bound that
-    holds whatever the two models' agreement; pass the observed discordant rate for a tighter,
-    pair-specific figure. Note |delta| <= psi always, so a result above psi means no attainable
-    difference is detectable at that discordance. The result is capped at 1.0, which is also
-    returned when n is too small for any difference to be detectable.
+    holds whatever the two models' agreement; pass a discordant rate for a pair-specific figure.
+    The result is capped at 1.0, which is also returned when n is too small for any difference
+    to be detectable. (statsmodels has no power function for McNemar's test.)
 
     ``power`` must be at least 0.5 (z_b >= 0), the range where the formula has one root.
     """
@@ -283,7 +279,7 @@ def min_detectable_difference(
 
 
 # --------------------------------------------------------------------------------------------
-# What the report uses
+# What the analysis uses
 # --------------------------------------------------------------------------------------------
 
 
@@ -295,14 +291,7 @@ def summarize(passes: Sequence[bool | None], confidence: float = 0.95) -> RateSu
     return RateSummary(n=n, k=k, rate=k / n if n else 0.0, ci_low=low, ci_high=high)
 
 
-def compare_pair(
-    a: Sequence[bool | None],
-    b: Sequence[bool | None],
-    *,
-    seed: int = 0,
-    n_resamples: int = 10_000,
-    confidence: float = 0.95,
-) -> PairComparison:
+def compare_pair(a: Sequence[bool | None], b: Sequence[bool | None], *, confidence: float = 0.95) -> PairComparison:
     """Compare model ``a`` with model ``b`` on the same items (position i is item i in both).
 
     Positions where either outcome is None are dropped: the comparison covers the items where the
@@ -311,37 +300,33 @@ def compare_pair(
     """
     if len(a) != len(b):
         raise ValueError(f"paired outcomes must have the same length, got {len(a)} and {len(b)}")
-    kept = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-    a_kept = [bool(x) for x, _ in kept]
-    b_kept = [bool(y) for _, y in kept]
-    n = len(kept)
+    kept = [(bool(x), bool(y)) for x, y in zip(a, b) if x is not None and y is not None]
+    a_kept, b_kept = [x for x, _ in kept], [y for _, y in kept]
+    table = PairedTable.of(a_kept, b_kept)
     test = mcnemar(a_kept, b_kept)
+    low, high = paired_difference_interval(table, confidence)
+    n = table.n
     if n == 0:
-        return PairComparison(0, 0.0, 0.0, 0.0, -1.0, 1.0, test, 0.0)
-    rate_a, rate_b = sum(a_kept) / n, sum(b_kept) / n
-    difference, low, high = paired_bootstrap_diff(
-        a_kept, b_kept, n_resamples=n_resamples, confidence=confidence, seed=seed
-    )
+        return PairComparison(0, 0.0, 0.0, 0.0, low, high, test, 0.0, 0.0)
+    rate_a, rate_b = (table.both + table.only_a) / n, (table.both + table.only_b) / n
     return PairComparison(
         n=n,
         rate_a=rate_a,
         rate_b=rate_b,
-        difference=difference,
+        difference=(table.only_a - table.only_b) / n,
         ci_low=low,
         ci_high=high,
         mcnemar=test,
         cohens_h=cohens_h(rate_a, rate_b),
+        discordant_rate=(table.only_a + table.only_b) / n,
     )
 
 
 def adjust_all(comparisons: Sequence[PairComparison], q: float = 0.05) -> list[PairComparison]:
-    """Benjamini-Hochberg over the McNemar p-values of all comparisons in one report.
+    """Benjamini-Hochberg over the McNemar p-values of one family of comparisons.
 
     Returns copies, in the same order, with ``p_adjusted`` and ``significant`` (adjusted p <= q)
     filled in; the raw p-value stays in ``comparison.mcnemar.p_value``.
     """
     adjusted, rejected = benjamini_hochberg([c.mcnemar.p_value for c in comparisons], q)
-    return [
-        replace(c, p_adjusted=p, significant=r)
-        for c, p, r in zip(comparisons, adjusted, rejected)
-    ]
+    return [replace(c, p_adjusted=p, significant=r) for c, p, r in zip(comparisons, adjusted, rejected)]
