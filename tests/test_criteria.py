@@ -264,3 +264,123 @@ def test_score_never_raises(raw, finish):
     assert set(scores) == set(C.CRITERIA)
     assert all(v in (True, False, None) for v in scores.values())
     assert C.score_checks(item, r)[0] in (True, False)
+
+
+# ---- addresses_instruction: degenerate answers (hand-labelled, both directions) -----------------
+
+STORY = make_item("Write a short story about a baby dragon who meets a stranger on a train.", category="open")
+FORMAL = make_item("Rewrite this sentence to sound more formal: hey whats up, can u send me the file",
+                   category="transformation")
+PROVERB = make_item("Complete the proverb: Curiosity killed the", category="completion", refs=["cat"])
+SUMMARY = make_item("Summarize in one sentence: Bees collect nectar from flowers and turn it into honey, which "
+                    "they store in their hives for the winter.", category="transformation",
+                    constraints=[{"type": "num_sentences", "n": 1}])
+PAST = make_item("Rewrite in the past tense: She walks to school.", category="transformation")
+PLURAL = make_item("Change this sentence to the plural: The cat sits on the mat.", category="transformation")
+QUESTION = make_item("Turn this statement into a question: The sky is blue.", category="transformation")
+LOWER = make_item("Rewrite in lowercase: THE CAT SAT", category="format")
+TRANSLATE = make_item("Translate into French: Good morning", category="transformation")
+YES_NO = make_item("Answer with yes or no: Is the sun a star?", category="constrained", refs=["yes"],
+                   constraints=[{"type": "max_words", "n": 1}])
+MESSAGE = make_item("Respond to this message: I got a new puppy!", category="transformation")
+MARKET = make_item("Describe a busy market.", category="open")
+
+
+@pytest.mark.parametrize("item, text", [
+    (STORY, "The baby dragon is a baby dragon who meets a stranger on a train."),  # tautology
+    (STORY, "A baby dragon meets a stranger on a train."),  # the prompt, restated
+    (FORMAL, "hey whats up, can u send me the file"),  # the input, unchanged
+    (FORMAL, "Hey, whats up? Can u send me the file."),  # case and punctuation only
+    (FORMAL, "Here it is: hey whats up can u send me the file"),  # the input in a frame
+    (PROVERB, "Curiosity killed the"),  # a bare fragment of the prompt
+    (PROVERB, "Curiosity"),
+    (SUMMARY, "Bees collect nectar from flowers and turn it into honey, which they store in their hives "
+              "for the winter."),  # summary = the passage
+    (PAST, "She walks to school."),
+    (PLURAL, "The cat sits on the mat."),
+    (QUESTION, "The sky is blue."),
+    (LOWER, "THE CAT SAT"),  # a case task judges case
+    (TRANSLATE, "Good morning"),
+    (YES_NO, "Is the sun a star?"),  # the question handed back
+    (MESSAGE, "I got a new puppy!"),
+    (FRANCE, "The capital of France."),  # restates the question, no answer
+    (MARKET, "A busy market."),
+])
+def test_addresses_instruction_fails_degenerate_answers(item, text):
+    assert C.addresses_instruction(item, make_response(f" {text}\nEND", item)) is False
+
+
+@pytest.mark.parametrize("item, text", [
+    (STORY, "A baby dragon named Ember boarded the night train and shared her snacks with an old sailor, "
+            "who told her stories of the sea."),
+    (FORMAL, "Hello, could you please send me the file?"),
+    (PROVERB, "Curiosity killed the cat."),
+    (PROVERB, "cat"),
+    (SUMMARY, "Bees make honey from nectar and store it for winter."),
+    (PAST, "She walked to school."),  # one word changed: a correct transformation is a near-copy by design
+    (PLURAL, "The cats sit on the mats."),
+    (QUESTION, "Is the sky blue?"),
+    (LOWER, "the cat sat"),
+    (YES_NO, "Yes."),
+    (MESSAGE, "Congratulations on your new puppy! What is its name?"),
+    (FRANCE, "The capital of France is Paris."),
+    (FRANCE, "Lyon is the capital of France."),  # wrong, but an attempt: factually_correct judges it
+    (MARKET, "The busy market is full of people buying fruit and bread."),
+])
+def test_addresses_instruction_keeps_passing_good_answers(item, text):
+    assert C.addresses_instruction(item, make_response(f" {text}\nEND", item)) is True
+
+
+# ---- factually_correct: the answer, not a mention (hand-labelled, both directions) -------------
+
+SUM = make_item("What is 8 plus 9?", refs=["17", "seventeen"])
+TIMES = make_item("What is 5 times 1?", refs=["5"])
+SPIDER = make_item("How many legs does a spider have?", refs=["8", "eight"])
+CONTINENT = make_item("On which continent is France?", refs=["Europe"])
+STAR = make_item("Is the sun a star?", refs=["yes"])
+GRAMS = make_item("How many grams are in a kilogram?", refs=["1000"])
+HALF = make_item("What is half of 7?", refs=["3.5"])
+
+
+@pytest.mark.parametrize("item, text", [
+    (SUM, "It could be 15, 16, 17 or 18."),  # hedged list of candidates
+    (SUM, "Between 16 and 18."),
+    (SUM, "Maybe 17, maybe 18."),
+    (SUM, "15. Actually, 17."),  # takes itself back
+    (SUM, "It is not 17, it is 18."),  # the reference only negated
+    (SUM, "170"),  # numbers compare as numbers, not substrings
+    (TIMES, "5 times 1 is 6."),  # the operand echoed is not the answer
+    (TIMES, "1"),
+    (CONTINENT, "Not Europe, it is in Asia."),
+    (CONTINENT, "It is not in Europe."),
+    (CONTINENT, "Europe, Asia or Africa."),
+    (CONTINENT, "Europe. Actually, Asia."),
+    (STAR, "Yes. Actually no."),  # contradicts itself
+    (STAR, "No, it is a planet."),
+    (FRANCE, "Lyon, not Paris."),
+    (FRANCE, "Paris or Lyon."),
+])
+def test_factually_correct_fails_hedged_negated_and_contradicted_answers(item, text):
+    assert C.factually_correct(item, make_response(f" {text}\nEND", item)) is False
+
+
+@pytest.mark.parametrize("item, text", [
+    (SUM, "8 plus 9 is 17."),  # a correct answer inside a full sentence
+    (SUM, "Seventeen."),  # number words as digits
+    (SUM, "17.0"),
+    (SUM, "The answer is 17, not 18."),
+    (TIMES, "5 times 1 is 5."),
+    (TIMES, "5"),
+    (SPIDER, "A spider has eight legs and two body parts."),  # other numbers that are not alternatives
+    (GRAMS, "There are 1,000 grams in a kilogram."),
+    (HALF, "Half of 7 is 3.5."),
+    (CONTINENT, "France is in Europe, not Asia."),
+    (CONTINENT, "Europe."),
+    (STAR, "Yes, the sun is a star."),
+    (STAR, "Yes it is."),
+    (STAR, "I think yes."),
+    (FRANCE, "No doubt about it: the capital of France is Paris."),
+    (FRANCE, "It is Paris, actually."),
+])
+def test_factually_correct_keeps_passing_correct_answers(item, text):
+    assert C.factually_correct(item, make_response(f" {text}\nEND", item)) is True

@@ -339,7 +339,7 @@ _SCALES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1
 _ARTICLES = frozenset({"a", "an", "the"})
 
 
-def _number_words_to_digits(tokens: list[str]) -> list[str]:
+def number_words_to_digits(tokens: list[str]) -> list[str]:
     """Replace each well-formed run of English number words by its value.
 
     "twenty one" -> "21", "one hundred and five" -> "105", "two thousand" -> "2000"; a run ends
@@ -394,7 +394,7 @@ def normalize_answer(text: str) -> str:
     text = re.sub(r"(?<=\w)['’]s\b", "", text)  # possessive: "Shakespeare's" -> "Shakespeare"
     text = re.sub(r"(?<=\w)['’](?=\w)", "", text)
     toks = [t for t in normalize(text.replace("-", " ")).split() if t not in _ARTICLES]
-    return " ".join(_number_words_to_digits(toks))
+    return " ".join(number_words_to_digits(toks))
 
 
 def matches_reference(response: str, references: Iterable[str]) -> bool:

@@ -3,7 +3,9 @@
 Each criterion is a function ``(item: InstructionRecord, r: EvalResponse) -> bool | None`` where
 None means "does not apply to this item" (it is left out of that criterion's rate). They are
 built from the shared predicates in ``cai_bootstrap.quality`` and the IFEval checks in
-``cai_bootstrap.constraints``, so data quality control and evaluation judge text the same way.
+``cai_bootstrap.constraints``, so data quality control and evaluation judge text the same way;
+two judgements are evaluation's own: ``degenerate`` (answers that do not attempt the task) and
+``answers`` (reading a factual answer out of a response).
 
 ``score`` applies all of them in ``CRITERIA`` order; ``score_checks`` gives IFEval's prompt-level
 (strict, loose) verdict on the item's instructions.
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from .. import constraints, quality
 from ..formats import END_SUFFIX, cut_response, first_stop, words
 from ..schemas import EvalResponse, InstructionRecord
+from . import answers, degenerate
 
 # --------------------------------------------------------------------------------------------
 # Bounds and thresholds
@@ -85,8 +88,11 @@ def no_rambling(item: InstructionRecord, r: EvalResponse) -> bool:
 def addresses_instruction(item: InstructionRecord, r: EvalResponse) -> bool:
     """The response attempts the task.
 
-    Fails when empty, a refusal, or a copy of the instruction. Otherwise passes when any of:
-    a reference answer is matched; the item's constraints pass loosely; a completion item's
+    Fails when empty, a refusal, or a copy of the instruction. Passes when a reference answer is
+    matched (a wrong answer is still an attempt; factually_correct judges it). Fails a copy or
+    near-copy of the instruction's input text, a bare fragment of the prompt, and (without an
+    input text) a tautology that only restates the instruction's words (``degenerate``).
+    Otherwise passes when any of: the item's constraints pass loosely; a completion item's
     response adds a word the instruction lacks (it continues the sentence); topic overlap is at
     least TOPIC_OVERLAP_MIN; the instruction has at most FEW_TOPIC_WORDS topic words and the
     response is coherent (word overlap cannot judge it).
@@ -96,6 +102,9 @@ def addresses_instruction(item: InstructionRecord, r: EvalResponse) -> bool:
         return False
     if _references_matched(item, r):
         return True
+    if (degenerate.copies_input(item.instruction, text) or degenerate.is_prompt_fragment(item.instruction, text)
+            or degenerate.restates_instruction(item.instruction, text)):
+        return False
     if item.constraints and constraints.check_all(item.constraints, text)[1]:
         return True
     if item.category == "completion":
@@ -139,10 +148,12 @@ def no_unwarranted_refusal(item: InstructionRecord, r: EvalResponse) -> bool:
 
 
 def factually_correct(item: InstructionRecord, r: EvalResponse) -> bool | None:
-    """A reference answer appears in the response; None when the item has no reference."""
+    """The response's answer is a reference answer (``answers.is_correct``: hedged lists of
+    candidates, negated mentions and answers that take themselves back fail; numbers compare as
+    numbers); None when the item has no reference."""
     if not item.reference_answers:
         return None
-    return quality.matches_reference(r.response, item.reference_answers)
+    return answers.is_correct(r.response, item.reference_answers, item.instruction)
 
 
 def coherent(item: InstructionRecord, r: EvalResponse) -> bool:
