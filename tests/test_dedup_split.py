@@ -18,12 +18,17 @@ from cai_bootstrap.data.dedup import (
     weighted_jaccard,
 )
 from cai_bootstrap.data.pool import builtin_pool
+from cai_bootstrap.data.sampling import stratified_sample
 from cai_bootstrap.data.split import (
     LeakageError,
+    TemplateLeakageError,
     allocate,
     check_leakage,
+    check_template_leakage,
     purge_leaks,
+    shared_templates,
     split,
+    split_by_template,
 )
 from cai_bootstrap.formats import normalize
 from cai_bootstrap.schemas import CATEGORIES, InstructionRecord
@@ -244,6 +249,94 @@ def test_split_properties(counts, frac, seed):
         assert in_train[c] >= 1
     if n_test >= len(multi):
         assert all(in_test[c] >= 1 for c in multi)
+
+
+# ---- split by template ------------------------------------------------------------------------
+
+
+def templated(category: str, template: str, n: int) -> list[InstructionRecord]:
+    return [InstructionRecord(id=f"{template}-{i}", instruction=f"{template} item {i}", category=category,
+                              source="builtin", template=template) for i in range(n)]
+
+
+def check_template_split(records, held, n_test):
+    """The properties every template-disjoint split has."""
+    ids = [r.id for part in held for r in part]
+    assert sorted(ids) == sorted(r.id for r in records)  # a partition: nothing lost, nothing twice
+    train_templates = {r.template for r in held.train if r.template}
+    assert not train_templates & {r.template for r in held.test if r.template}  # no template on both sides
+    assert not train_templates & {r.template for r in held.surplus if r.template}
+    assert len(held.test) <= n_test
+    order = {r.id: i for i, r in enumerate(records)}
+    for part in held:
+        assert [order[r.id] for r in part] == sorted(order[r.id] for r in part)
+
+
+@pytest.mark.parametrize("name, n_pool, n_test", [("stage1.yaml", None, 300), ("quick.yaml", 600, 40)])
+def test_template_split_of_the_builtin_pool_keeps_every_category(pool, name, n_pool, n_test):
+    records = stratified_sample(pool, n_pool, 0, "builtin")
+    for seed in range(3):
+        held = split_by_template(records, n_test, seed)
+        check_template_split(records, held, n_test)
+        assert len(held.test) == n_test, name
+        assert {r.category for r in held.test} == set(CATEGORIES), name
+        assert {r.category for r in held.train} == set(CATEGORIES), name
+        # each category's share follows the pool's, and no category is tested on one template only
+        overall, in_test = Counter(r.category for r in records), Counter(r.category for r in held.test)
+        for c in CATEGORIES:
+            assert abs(in_test[c] - n_test * overall[c] / len(records)) <= 1, c
+            assert len({r.template for r in held.test if r.category == c}) >= 2, c
+        assert not shared_templates(held.train, held.test)
+        check_template_leakage(held.train, held.test)
+    assert split_by_template(records, n_test, 1) == split_by_template(records, n_test, 1)
+    assert split_by_template(records, n_test, 1).test != split_by_template(records, n_test, 2).test
+
+
+def test_template_split_leaves_one_template_for_training_and_skips_single_template_categories():
+    records = templated("qa", "a", 5) + templated("qa", "b", 40) + templated("open", "only", 30)
+    held = split_by_template(records, 20, seed=0)
+    check_template_split(records, held, 20)
+    assert {r.category for r in held.test} == {"qa"}  # one template cannot be on one side only
+    assert [r.template for r in held.train if r.category == "open"] == ["only"] * 30
+    assert len({r.template for r in held.train if r.category == "qa"}) == 1
+
+
+def test_items_without_a_template_are_units_of_their_own():
+    records = [rec(i, f"user item {i}", "open") for i in range(20)]
+    held = split_by_template(records, 5, seed=0)
+    assert len(held.test) == 5 and not held.surplus and len(held.train) == 15
+
+
+@settings(max_examples=150, deadline=None)
+@given(layout=st.dictionaries(st.sampled_from(CATEGORIES), st.lists(st.integers(1, 25), min_size=1, max_size=6),
+                              min_size=1),
+       frac=st.floats(0.05, 0.5), seed=st.integers(0, 20))
+def test_template_split_properties(layout, frac, seed):
+    records = [r for c, sizes in layout.items() for k, n in enumerate(sizes) for r in templated(c, f"{c}-t{k}", n)]
+    n_test = round(frac * len(records))
+    if not 1 <= n_test < len(records):
+        return
+    held = split_by_template(records, n_test, seed)
+    check_template_split(records, held, n_test)
+    alloc = allocate(Counter(r.category for r in records), n_test)
+    in_test, in_train = Counter(r.category for r in held.test), Counter(r.category for r in held.train)
+    for c, sizes in layout.items():
+        assert in_test[c] <= alloc[c]
+        if len(sizes) >= 2:
+            assert in_train[c] >= 1  # every category keeps a template for training
+            if alloc[c]:
+                assert in_test[c] >= 1  # and is tested wherever the allocation gives it items
+        else:
+            assert in_test[c] == 0
+
+
+def test_template_leakage_is_caught():
+    train = templated("qa", "capital", 3)
+    test = templated("qa", "capital", 5)[3:] + templated("qa", "symbol", 2)
+    with pytest.raises(TemplateLeakageError, match="(?s)1 template.*capital") as e:
+        check_template_leakage(train, test)
+    assert e.value.shared == {"capital": (["capital-0", "capital-1", "capital-2"], ["capital-3", "capital-4"])}
+    check_template_leakage(train, test[2:])
 
 
 # ---- leakage ---------------------------------------------------------------------------------

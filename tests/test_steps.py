@@ -14,7 +14,7 @@ from cai_bootstrap.run import Run
 from cai_bootstrap.schemas import InstructionRecord, load_jsonl, validate_kind
 from cai_bootstrap.steps import evaluate as evaluate_step
 from cai_bootstrap.steps.baseline import run_baseline
-from cai_bootstrap.steps.common import INSTRUCTIONS, TEST
+from cai_bootstrap.steps.common import INSTRUCTIONS, TEST, TEST_IN_DISTRIBUTION
 from cai_bootstrap.steps.evaluate import IsolationError, ModelUnderTest, evaluate_models, run_evaluate
 from cai_bootstrap.steps.instructions import run_instructions
 from cai_bootstrap.steps.report import build_report
@@ -44,17 +44,79 @@ def test_instructions_step_split_counts_and_skip(tmp_path, tiny_model_folder):
     assert run_instructions(run)
     train = load_jsonl(run.path(INSTRUCTIONS), InstructionRecord)
     test = load_jsonl(run.path(TEST), InstructionRecord)
-    assert len(test) == 30 and len(train) > 200
+    assert len(test) == 30 and len(train) > 150
     assert not near_duplicate_pairs(train, test, cfg.instructions.dedup_threshold)
-    assert {r.category for r in test} >= {"qa", "format", "completion"}
+    assert {r.category for r in test} == {"qa", "open", "completion", "constrained", "transformation", "format"}
     step = run.steps()["instructions"]
     report = json.loads(run.path("data/instructions_report.json").read_text())
+    # template-disjoint by default: the report lists both sides' templates, and they do not meet
+    assert report["split_by"] == "template" and report["shared_templates"] == 0
+    assert report["test_templates"] == sorted({r.template for r in test})
+    assert report["train_templates"] == sorted({r.template for r in train if r.template})
+    assert not set(report["train_templates"]) & set(report["test_templates"])
+    assert report["categories_without_test"] == []
     # every candidate is accounted for: kept in train/test or dropped by a counted reason
     c = report["candidates"]
     assert c["builtin"] + c["self_instruct"] == len(train) + len(test) + sum(report["dedup_dropped"].values()) \
-        + report["leakage_purged_from_train"]
+        + sum(report["self_instruct_dedup_dropped"].values()) + report["leakage_purged_from_train"] \
+        + report["test_template_surplus"]
     assert step["counts"]["kept"] == len(train) + len(test)
+    assert step["counts"]["dropped"]["test_template_surplus"] == report["test_template_surplus"] > 0
     assert not run_instructions(run)  # unchanged: skipped
+
+
+def test_self_instruct_is_seeded_from_the_training_side_only(tmp_path, tiny_model_folder, monkeypatch):
+    from cai_bootstrap.steps import instructions as step
+
+    seen = []
+    real = step.build_prompt
+
+    def spy(seeds, rng):
+        seen.extend(seeds)
+        return real(seeds, rng)
+
+    monkeypatch.setattr(step, "build_prompt", spy)
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=200", "instructions.test_size=20",
+                      "instructions.self_instruct_rounds=2", "instructions.self_instruct_max_new_tokens=8",
+                      "instructions.in_distribution_size=10")
+    run = Run(tmp_path, cfg)
+    run_instructions(run)
+    test = load_jsonl(run.path(TEST), InstructionRecord)
+    slice_ = load_jsonl(run.path(TEST_IN_DISTRIBUTION), InstructionRecord)
+    assert seen and not {r.id for r in seen} & {r.id for r in [*test, *slice_]}
+    assert not {r.template for r in seen} & {r.template for r in test}
+    report = json.loads(run.path("data/instructions_report.json").read_text())
+    assert report["self_instruct_seeds"] == {"from": "training side only", "n": len(seen) // 2}
+
+
+def test_in_distribution_slice_is_unseen_fillers_of_training_templates(tmp_path, tiny_model_folder):
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=200", "instructions.test_size=20",
+                      "instructions.in_distribution_size=12")
+    run = Run(tmp_path, cfg)
+    run_instructions(run)
+    train = load_jsonl(run.path(INSTRUCTIONS), InstructionRecord)
+    test = load_jsonl(run.path(TEST), InstructionRecord)
+    slice_ = load_jsonl(run.path(TEST_IN_DISTRIBUTION), InstructionRecord)
+    assert len(slice_) == 12
+    assert {r.template for r in slice_} <= {r.template for r in train}  # training templates ...
+    assert not {r.id for r in slice_} & {r.id for r in train}  # ... but fillers never trained on
+    assert not near_duplicate_pairs(train, slice_, cfg.instructions.dedup_threshold)
+    assert not {r.template for r in slice_} & {r.template for r in test}
+    # switched off, the slice file goes: a stale slice must not be evaluated
+    run.config = tiny_config(tiny_model_folder, "instructions.builtin=200", "instructions.test_size=20")
+    run_instructions(run)
+    assert not run.path(TEST_IN_DISTRIBUTION).exists()
+
+
+def test_item_split_is_an_option_and_says_templates_are_shared(tmp_path, tiny_model_folder):
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=200", "instructions.test_size=20",
+                      "instructions.split_by=item")
+    run = Run(tmp_path, cfg)
+    run_instructions(run)
+    report = json.loads(run.path("data/instructions_report.json").read_text())
+    assert report["split_by"] == "item" and report["shared_templates"] > 0 and report["test_template_surplus"] == 0
+    with pytest.raises(ValueError, match="in_distribution_size needs split_by: template"):
+        tiny_config(tiny_model_folder, "instructions.split_by=item", "instructions.in_distribution_size=5")
 
 
 def test_user_files_are_validated_and_user_leakage_fails_loudly(tmp_path, tiny_model_folder):
@@ -72,6 +134,28 @@ def test_user_files_are_validated_and_user_leakage_fails_loudly(tmp_path, tiny_m
         run_instructions(Run(tmp_path / "run", cfg))
     (tmp_path / "test.jsonl").write_text('{"id": "t1", "instruction": "", "category": "qa", "source": "user"}\n')
     with pytest.raises(ValueError, match="test.jsonl:1: instruction"):
+        run_instructions(Run(tmp_path / "run2", cfg))
+
+
+def test_a_user_test_set_with_builtin_templates_keeps_them_out_of_training(tmp_path, tiny_model_folder):
+    from cai_bootstrap.data.split import TemplateLeakageError
+
+    user_test = [InstructionRecord(id="t1", instruction="What is the capital of Atlantis?", category="qa",
+                                   source="user", reference_answers=["Poseidonia"], template="qa-capital")]
+    write_jsonl(tmp_path / "test.jsonl", user_test)
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=300", f"instructions.test_file={tmp_path}/test.jsonl")
+    run = Run(tmp_path / "run", cfg)
+    run_instructions(run)
+    train = load_jsonl(run.path(INSTRUCTIONS), InstructionRecord)
+    report = json.loads(run.path("data/instructions_report.json").read_text())
+    assert report["template_in_test_dropped"] > 0 and "qa-capital" not in {r.template for r in train}
+    # the user's own training item of that template is never dropped: the check fails loudly instead
+    mine = [InstructionRecord(id="u1", instruction="What is the capital of Lemuria?", category="qa", source="user",
+                              reference_answers=["Mu"], template="qa-capital")]
+    write_jsonl(tmp_path / "train.jsonl", mine)
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=50", f"instructions.test_file={tmp_path}/test.jsonl",
+                      f"instructions.train_file={tmp_path}/train.jsonl")
+    with pytest.raises(TemplateLeakageError, match="qa-capital"):
         run_instructions(Run(tmp_path / "run2", cfg))
 
 
@@ -106,7 +190,7 @@ def test_baseline_step_records_forms_prompts_and_sentinels(tmp_path, tiny_model_
 @pytest.fixture()
 def eval_run(tmp_path, tiny_model_folder):
     cfg = tiny_config(tiny_model_folder, "instructions.builtin=100", "instructions.test_size=8",
-                      "evaluation.max_new_tokens=6", "evaluation.batch_size=8", "evaluation.bootstrap_resamples=200")
+                      "evaluation.max_new_tokens=6", "evaluation.batch_size=8")
     run = Run(tmp_path, cfg)
     run_instructions(run)
     make_adapter(tiny_model_folder, run.path("models/sft"), 1)
@@ -119,10 +203,22 @@ def test_evaluate_writes_responses_fingerprints_and_report_rebuilds(eval_run, mo
     run = eval_run
     assert run_evaluate(run)
     record = json.loads(run.path("eval/evaluation.json").read_text())
-    assert record["order"] == ["base", "sft", "dpo", "dpo_only"]
+    assert record["order"] == ["base", "base_fewshot", "sft", "dpo", "dpo_only"]
     fps = {n: m["fingerprint"] for n, m in record["models"].items()}
-    assert len(set(fps.values())) == 4  # every model ran its own weights
+    assert len(set(fps.values())) == 4  # every model ran its own weights; base_fewshot the base ones
     assert record["isolation"]["base_fingerprint_before"] == record["isolation"]["base_fingerprint_after"] == fps["base"]
+    assert fps["base_fewshot"] == fps["base"]
+    assert record["prompt_forms"] == {"base": "zero_shot", "base_fewshot": "few_shot", "sft": "zero_shot",
+                                      "dpo": "zero_shot", "dpo_only": "zero_shot"}
+    # base_fewshot got the prompts that wrote the SFT data, recorded with each response
+    from cai_bootstrap.steps.sft_data import sft_prompts
+
+    items = load_jsonl(run.path(TEST), InstructionRecord)
+    few = load_jsonl(run.path("eval/responses/base_fewshot.jsonl"), evaluate_step.EvalResponse)
+    assert [r.prompt for r in few] == sft_prompts(run.config, items)
+    assert all(r.prompt_form == "few_shot" and r.prompt.count("\nEND") == run.config.sft_data.few_shot for r in few)
+    zero = load_jsonl(run.path("eval/responses/base.jsonl"), evaluate_step.EvalResponse)
+    assert all(r.prompt_form == "zero_shot" and "\nEND" not in r.prompt for r in zero)
     assert all(m["memory"]["rss_peak_mb"] > 0 for m in record["models"].values())
     for name in record["order"]:
         assert validate_kind("responses", run.path(f"eval/responses/{name}.jsonl"))[1] == []
@@ -137,8 +233,11 @@ def test_evaluate_writes_responses_fingerprints_and_report_rebuilds(eval_run, mo
     assert first == second
     assert run.path("report/report.html").is_file() and run.path("report/report.md").is_file()
     md = run.path("report/report.md").read_text()
-    for name in ("base", "sft", "dpo", "dpo_only"):
+    for name in ("base", "base_fewshot", "sft", "dpo", "dpo_only"):
         assert name in md
+    assert [q["evaluated"] for q in first["questions"]] == [True, True, True]
+    assert first["test_set"]["split_by"] == "template"
+    assert any("base_fewshot is the base model prompted" in n for n in first["questions"][0]["notes"])
 
 
 def test_isolation_check_catches_a_contaminated_model_object(eval_run):

@@ -142,6 +142,13 @@ class InstructionsConfig(Section):
     dedup_threshold: float = Field(0.7, gt=0, le=1)
     test_size: float = Field(0.1, gt=0, le=MAX_ITEMS)
     """Held-out share (< 1) or count (>= 1, a whole number) of the pool, stratified by category."""
+    split_by: Literal["template", "item"] = "template"
+    """template: whole built-in templates are held out, no template has items on both sides (the test
+    asks new kinds of instruction); item: items are drawn one by one, so fillers of one template land
+    on both sides (an in-distribution test)."""
+    in_distribution_size: int = Field(0, ge=0)
+    """With split_by template: also hold out this many unseen fillers of *training* templates
+    (data/test_in_distribution.jsonl), evaluated and reported apart from the answers."""
     train_file: str | None = None
     """Your own instructions (JSONL of InstructionRecord); validated, de-duplicated, leak-checked."""
     test_file: str | None = None
@@ -157,6 +164,13 @@ class InstructionsConfig(Section):
         if value >= 1 and value != int(value):
             raise ValueError(f"a held-out count must be a whole number, not {value} (a share is below 1)")
         return value
+
+    @model_validator(mode="after")
+    def _slice_needs_template_split(self) -> InstructionsConfig:
+        if self.in_distribution_size and self.split_by != "template":
+            raise ValueError("in_distribution_size needs split_by: template (an item split's test set is "
+                             "already in-distribution)")
+        return self
 
 
 class CriticConfig(Section):
@@ -290,15 +304,20 @@ class DPOConfig(Section):
 
 
 class EvaluationConfig(Section):
-    models: list[str] = Field(default_factory=lambda: ["base", "sft", "dpo", "dpo_only"])
+    models: list[str] = Field(default_factory=lambda: ["base", "base_fewshot", "sft", "dpo", "dpo_only"])
+    """base: zero-shot (the floor); base_fewshot: the base model with the few-shot prompt that wrote the
+    SFT data (Q1's comparison); sft, dpo, dpo_only: the trained adapters."""
     extra_models: dict[str, str] = Field(default_factory=dict)
     """Extra references by name: a model spec, or `spec+adapter_dir` for another run's adapter."""
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(16, ge=1)
     judge: str = "none"
     """none | self | hf:<model spec>: adds model-judged scores, reported apart from the deterministic ones."""
-    bootstrap_resamples: int = Field(10000, ge=100)
     fdr_q: float = Field(0.05, gt=0, lt=1)
+    """Benjamini-Hochberg level, applied within each family (the questions; the exploratory rest)."""
+    equivalence_margin: float = Field(0.10, gt=0, lt=1)
+    """Two models are called equivalent on a question when the 95% interval of their difference in
+    pass rate lies inside ±margin (0.10: ten points)."""
 
     @field_validator("judge")
     @classmethod

@@ -1,10 +1,19 @@
-"""Train/test split of the instruction pool, stratified by category, and the leakage check.
+"""Train/test split of the instruction pool, stratified by category, and the leakage checks.
+
+Two ways to split (``instructions.split_by``):
+
+- ``template`` (the default): :func:`split_by_template` holds out whole built-in templates, so
+  the test set asks new *kinds* of instruction, not new fillers of trained ones; no template has
+  items on both sides (:func:`check_template_leakage` is the guard).
+- ``item``: :func:`split` draws items one by one, so fillers of one template land on both sides
+  (an in-distribution test).
 
 The ``instructions`` step does, in this order::
 
-    train, test = split(pool, test_size, seed)
+    train, test, surplus = split_by_template(pool, test_size, seed)   # or split(pool, ...)
     train, purged = purge_leaks(train, test, threshold)   # count len(purged) in the manifest
     check_leakage(train, test, threshold)                  # must pass; raises LeakageError if not
+    check_template_leakage(train, test)                    # template split: must pass too
 
 Templates produce similar instructions, so some training items can be near-duplicates of test
 items; rather than fail, the step drops those *training* items (the test set is never changed,
@@ -119,6 +128,93 @@ def split(records: Sequence[Any], test_size: int | float, seed: int) -> tuple[li
     train = [r for i, r in enumerate(records) if i not in test_idx]
     test = [r for i, r in enumerate(records) if i in test_idx]
     return train, test
+
+
+class Held(NamedTuple):
+    """A template-disjoint split: ``surplus`` holds the items of held-out templates that were not
+    drawn for the test set (neither trained on nor tested, so that no template is on both sides)."""
+
+    train: list[Any]
+    test: list[Any]
+    surplus: list[Any]
+
+
+def unit(record: Any) -> str:
+    """What a template-disjoint split keeps together: the record's template, or the record itself
+    when it has none (user items, self-instruct)."""
+    return record.template or f"item:{record.id}"
+
+
+def split_by_template(records: Sequence[Any], test_size: int | float, seed: int) -> Held:
+    """Seeded split that holds out whole templates, stratified by ``category``.
+
+    Each category's number of test items follows its share of the input (``allocate``). Within a
+    category the templates are shuffled by (seed, category); the first ones go to the test side —
+    as many as the category's share of its templates, at least two where three or more exist (so
+    that a category is not tested on a single template), and more while they hold too few items —
+    always leaving one template for training. The test items are drawn from the held-out
+    templates' items; the rest of those items is the surplus. A category with a single template
+    gets no test items (its items stay in training). Every part keeps the input order.
+    """
+    n_test = _n_test(test_size, len(records))
+    by_cat: dict[str, dict[str, list[int]]] = {}
+    for i, rec in enumerate(records):
+        by_cat.setdefault(rec.category, {}).setdefault(unit(rec), []).append(i)
+    alloc = allocate({c: sum(len(v) for v in units.values()) for c, units in by_cat.items()}, n_test)
+    test_idx: set[int] = set()
+    held_idx: set[int] = set()
+    for c, units in by_cat.items():
+        if alloc[c] == 0 or len(units) < 2:
+            continue
+        rng = random.Random(f"{seed}:{c}:templates")
+        order = sorted(units)
+        rng.shuffle(order)
+        n_items = sum(len(v) for v in units.values())
+        k = max(1, round(len(units) * alloc[c] / n_items), min(2, len(units) - 1) if len(units) >= 3 else 1)
+        k = min(k, len(units) - 1)
+        while k < len(units) - 1 and sum(len(units[u]) for u in order[:k]) < alloc[c]:
+            k += 1
+        held = sorted(i for u in order[:k] for i in units[u])
+        held_idx.update(held)
+        test_idx.update(rng.sample(held, min(alloc[c], len(held))))
+    train = [r for i, r in enumerate(records) if i not in held_idx]
+    test = [r for i, r in enumerate(records) if i in test_idx]
+    surplus = [r for i, r in enumerate(records) if i in held_idx and i not in test_idx]
+    return Held(train, test, surplus)
+
+
+class TemplateLeakageError(ValueError):
+    """Templates with items on both sides of a split that should be template-disjoint."""
+
+    def __init__(self, shared: dict[str, tuple[list[str], list[str]]]):
+        self.shared = shared
+        shown = "\n".join(f"  template {t}: train {_ids(a)}, test {_ids(b)}" for t, (a, b) in list(shared.items())[:20])
+        more = f"\n  ... and {len(shared) - 20} more" if len(shared) > 20 else ""
+        super().__init__(f"{len(shared)} template(s) have items in both the training and the test set:\n{shown}{more}")
+
+
+def _ids(ids: list[str], k: int = 3) -> str:
+    return ", ".join(ids[:k]) + (f" (+{len(ids) - k})" if len(ids) > k else "")
+
+
+def shared_templates(train: Sequence[Any], test: Sequence[Any]) -> dict[str, tuple[list[str], list[str]]]:
+    """Template -> (training ids, test ids) for every template with items on both sides."""
+    on_train: dict[str, list[str]] = {}
+    for r in train:
+        if r.template:
+            on_train.setdefault(r.template, []).append(r.id)
+    shared: dict[str, tuple[list[str], list[str]]] = {}
+    for r in test:
+        if r.template in on_train:
+            shared.setdefault(r.template, (on_train[r.template], []))[1].append(r.id)
+    return shared
+
+
+def check_template_leakage(train: Sequence[Any], test: Sequence[Any]) -> None:
+    """Raise TemplateLeakageError if any template has items in both train and test."""
+    shared = shared_templates(train, test)
+    if shared:
+        raise TemplateLeakageError(shared)
 
 
 def find_leaks(train: Sequence[Any], test: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> list[Leak]:

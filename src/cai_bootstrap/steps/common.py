@@ -18,6 +18,7 @@ from ..schemas import GeneratorProvenance
 # Artifact paths inside a run directory (DESIGN.md §2): explicit, never "the newest match".
 INSTRUCTIONS = "data/instructions.jsonl"
 TEST = "data/test.jsonl"
+TEST_IN_DISTRIBUTION = "data/test_in_distribution.jsonl"  # optional: unseen fillers of training templates
 INSTRUCTIONS_REPORT = "data/instructions_report.json"
 PROMPT_SPLIT = "data/prompt_split.json"  # training pool -> SFT prompts | DPO prompts
 SFT = "data/sft.jsonl"
