@@ -1,8 +1,15 @@
 """analysis (scores -> results) and report (results -> md/html/png) on synthetic responses.
 
-Four models answer the same 36 items with the same correct answer text; only the ending differs:
-base always runs on into a new "Instruction:", sft ends with END on every other item, dpo and
-dpo_only always end with END (and are identical, so nothing may separate them).
+Five models answer the same 36 items. Format (END) and content are planted apart:
+
+- base: the correct answer, then runs on into a new "Instruction:" (content right, format wrong);
+- base_fewshot: the correct answer, ends with END on every third item;
+- sft: the correct answer, ends with END on every other item;
+- dpo: the correct answer, always ends with END;
+- dpo_only: always ends with END, but hands the instruction back on every other item.
+
+So Q2 (dpo vs sft) is better on format and equivalent on content (identical answers), Q3 (dpo vs
+dpo_only) equivalent on format and better on content.
 """
 
 from __future__ import annotations
@@ -17,12 +24,12 @@ import pytest
 from cai_bootstrap.evaluation import analysis as A
 from cai_bootstrap.evaluation import report as R
 from cai_bootstrap.evaluation.criteria import CRITERIA
+from cai_bootstrap.evaluation.questions import CONTENT_PARTS, FORMAT_PARTS, composite
 from cai_bootstrap.evaluation.statistics import benjamini_hochberg, compare_pair, summarize, wilson_interval
 from cai_bootstrap.formats import cut_response, prompt_for
 from cai_bootstrap.schemas import EvalResponse, InstructionRecord
 
-MODELS = ["base", "sft", "dpo", "dpo_only"]
-N_RESAMPLES = 2000
+MODELS = ["base", "base_fewshot", "sft", "dpo", "dpo_only"]
 
 # (instruction, category, references, constraints, a correct answer)
 TEMPLATES = [
@@ -66,13 +73,14 @@ def respond(item: InstructionRecord, model: str, ends: bool, text: str | None = 
                         prompt_tokens=12, completion_tokens=20, max_new_tokens=64)
 
 
-def make_responses(items, planted: bool = True) -> dict[str, list[EvalResponse]]:
-    """base never ends with END; sft on every other item; dpo/dpo_only always (if planted)."""
+def make_responses(items) -> dict[str, list[EvalResponse]]:
+    """See the module docstring."""
     return {
         "base": [respond(it, "base", False) for it in items],
+        "base_fewshot": [respond(it, "base_fewshot", i % 3 == 0) for i, it in enumerate(items)],
         "sft": [respond(it, "sft", i % 2 == 0) for i, it in enumerate(items)],
-        "dpo": [respond(it, "dpo", planted) for it in items],
-        "dpo_only": [respond(it, "dpo_only", planted) for it in items],
+        "dpo": [respond(it, "dpo", True) for it in items],
+        "dpo_only": [respond(it, "dpo_only", True, it.instruction if i % 2 else None) for i, it in enumerate(items)],
     }
 
 
@@ -86,9 +94,13 @@ def scores(items):
     return A.score_all(items, make_responses(items))
 
 
+TEST_SET = {"split_by": "template", "test_templates": ["qa-capital", "tr-past-tense"], "shared_templates": 0}
+NOTES = {"Q2": ["Both DPO runs saw 64 pairs: a budget note."]}
+
+
 @pytest.fixture(scope="module")
 def results(items, scores):
-    return A.analyze(items, scores, models=MODELS, n_resamples=N_RESAMPLES, seed=0)
+    return A.analyze(items, scores, models=MODELS, test_set=TEST_SET, question_notes=NOTES)
 
 
 def outcome(scores, model, criterion):
@@ -104,10 +116,8 @@ def test_score_all_scores_every_model_and_item(items, scores):
     assert len(scores) == len(MODELS) * len(items)
     assert [s.id for s in scores if s.model == "dpo"] == [i.id for i in items]
     assert all(set(s.criteria) == set(CRITERIA) for s in scores)
-    # The planted difference is visible in the raw scores.
     assert not any(outcome(scores, "base", "ends_with_end"))
     assert all(outcome(scores, "dpo", "ends_with_end"))
-    # factually_correct applies only to items with references; checks only to constrained ones.
     for s, item in zip([s for s in scores if s.model == "base"], items):
         assert (s.criteria["factually_correct"] is None) == (not item.reference_answers)
         assert (s.checks_strict is None) == (not item.constraints)
@@ -132,153 +142,155 @@ def test_score_all_rejects_missing_extra_duplicate_and_mislabelled(items):
 
 def test_analyze_rejects_missing_scores(items, scores):
     with pytest.raises(ValueError, match=r"'sft'.*no score"):
-        A.analyze(items, [s for s in scores if s.model != "sft" or s.id != "t000"], models=MODELS,
-                  n_resamples=100)
+        A.analyze(items, [s for s in scores if s.model != "sft" or s.id != "t000"], models=MODELS)
     with pytest.raises(ValueError, match="extra_model"):
-        A.analyze(items, scores, models=[*MODELS, "extra_model"], n_resamples=100)
+        A.analyze(items, scores, models=[*MODELS, "extra_model"])
 
 
 # --------------------------------------------------------------------------------------------
-# analyze: rates, comparisons, power
+# Rates and the two composites
 # --------------------------------------------------------------------------------------------
 
 
 def test_rates_match_statistics(items, scores, results):
     assert results["models"] == MODELS
-    assert set(results["criteria"]) == {*CRITERIA, "ifeval_strict", "ifeval_loose", "all_criteria"}
+    assert results["criteria"] == ["format", "content", *CRITERIA, "ifeval_strict", "ifeval_loose"]
     n = len(items)
-    base_end = results["rates"]["base"]["ends_with_end"]
-    dpo_end = results["rates"]["dpo"]["ends_with_end"]
     sft_end = results["rates"]["sft"]["ends_with_end"]
-    assert (base_end["n"], base_end["k"], base_end["rate"]) == (n, 0, 0.0)
-    assert (dpo_end["n"], dpo_end["k"], dpo_end["rate"]) == (n, n, 1.0)
     assert (sft_end["k"], sft_end["rate"]) == (n // 2, 0.5)
     assert (sft_end["ci_low"], sft_end["ci_high"]) == pytest.approx(wilson_interval(n // 2, n))
     for model in MODELS:
         for criterion in CRITERIA:
             assert results["rates"][model][criterion] == asdict(summarize(outcome(scores, model, criterion)))
-    # None-applicability: factually_correct only on the items with references.
     n_refs = sum(bool(i.reference_answers) for i in items)
     assert 0 < n_refs < n
     assert results["rates"]["base"]["factually_correct"]["n"] == n_refs
-    n_cons = sum(bool(i.constraints) for i in items)
-    assert results["rates"]["dpo"]["ifeval_strict"]["n"] == n_cons
+    assert results["rates"]["dpo"]["ifeval_strict"]["n"] == sum(bool(i.constraints) for i in items)
 
 
-def test_all_criteria_is_every_applicable_criterion(items, scores, results):
+def test_composites_are_their_parts(scores, results):
     for model in MODELS:
-        expected = [
-            all(v for v in [*s.criteria.values(), s.checks_loose] if v is not None)
-            for s in scores if s.model == model
-        ]
-        assert results["rates"][model]["all_criteria"] == asdict(summarize(expected))
-    # base fails everywhere (no END), dpo's answers are good: the composite separates them.
-    assert results["rates"]["base"]["all_criteria"]["rate"] == 0.0
-    assert results["rates"]["dpo"]["all_criteria"]["rate"] > 0.8
+        rows = [A.outcome_row(s) for s in scores if s.model == model]
+        for aspect, parts in (("format", FORMAT_PARTS), ("content", CONTENT_PARTS)):
+            assert results["rates"][model][aspect] == asdict(summarize([composite(r, parts) for r in rows]))
+
+
+def test_content_does_not_depend_on_end(results):
+    # base never writes END but answers correctly: it fails format everywhere and passes content.
+    assert results["rates"]["base"]["format"]["rate"] == 0.0
+    assert results["rates"]["base"]["content"]["rate"] == 1.0
+    assert results["rates"]["dpo"]["content"]["rate"] == 1.0
+    assert results["rates"]["dpo_only"]["content"]["rate"] == 0.5  # hands the instruction back on half
 
 
 def test_categories_break_rates_down(items, results):
     cats = results["categories"]
     assert sum(c["n_items"] for c in cats.values()) == len(items)
-    assert cats["qa"]["n_items"] == sum(i.category == "qa" for i in items)
     assert cats["qa"]["rates"]["dpo"]["ends_with_end"]["k"] == cats["qa"]["n_items"]
-    assert cats["qa"]["rates"]["base"]["ends_with_end"]["k"] == 0
     assert cats["completion"]["rates"]["sft"]["factually_correct"]["n"] == 0
 
 
-def test_every_pair_and_criterion_is_compared_and_adjusted(scores, results):
-    comps = results["comparisons"]
-    criteria = results["criteria"]
-    assert len(comps) == 6 * len(criteria)
-    pairs = {(c["criterion"], frozenset((c["a"], c["b"]))) for c in comps}
-    assert pairs == {(cr, frozenset(p)) for cr in criteria for p in combinations(MODELS, 2)}
-    assert results["multiple_testing"]["n_tests"] == len(comps)
-    for c in comps:
-        assert c["p_adjusted"] >= c["p_value"] - 1e-12
-        assert c["significant"] == (c["p_adjusted"] <= 0.05)
-    # One BH correction across every test of the report, not per criterion or per pair.
-    adjusted, _ = benjamini_hochberg([c["p_value"] for c in comps], 0.05)
-    assert [c["p_adjusted"] for c in comps] == pytest.approx(adjusted)
-    # Each comparison is exactly statistics.compare_pair on the paired outcomes.
-    c = next(c for c in comps if c["criterion"] == "ends_with_end" and {c["a"], c["b"]} == {"sft", "base"})
-    ref = compare_pair(outcome(scores, c["a"], "ends_with_end"), outcome(scores, c["b"], "ends_with_end"),
-                       seed=0, n_resamples=N_RESAMPLES)
+# --------------------------------------------------------------------------------------------
+# The primary family and the exploratory one
+# --------------------------------------------------------------------------------------------
+
+
+def test_primary_family_is_the_three_questions_on_two_aspects(results):
+    family = results["primary_family"]
+    assert family["n_tests"] == 6
+    assert family["hypotheses"] == [
+        "sft vs base_fewshot on format", "sft vs base_fewshot on content",
+        "dpo vs sft on format", "dpo vs sft on content",
+        "dpo vs dpo_only on format", "dpo vs dpo_only on content"]
+    primary = [a for q in results["questions"] for a in q["aspects"].values()]
+    assert len(primary) == 6 and all(a["family"] == "primary" for a in primary)
+    # Benjamini-Hochberg within these six only
+    adjusted, _ = benjamini_hochberg([a["p_value"] for a in primary], 0.05)
+    assert [a["p_adjusted"] for a in primary] == pytest.approx(adjusted)
+
+
+def test_exploratory_family_is_everything_else_with_its_own_correction(scores, results):
+    ex = results["exploratory"]["comparisons"]
+    n_pairs = len(list(combinations(MODELS, 2)))
+    assert len(ex) == n_pairs * len(results["criteria"]) - 6
+    keys = {(c["criterion"], frozenset((c["a"], c["b"]))) for c in ex}
+    assert ("format", frozenset(("dpo", "sft"))) not in keys  # a question's comparison is never repeated here
+    assert ("ends_with_end", frozenset(("dpo", "sft"))) in keys  # its single criteria are exploratory
+    adjusted, _ = benjamini_hochberg([c["p_value"] for c in ex], 0.05)
+    assert [c["p_adjusted"] for c in ex] == pytest.approx(adjusted)
+    assert results["exploratory"]["n_significant"] == sum(c["significant"] for c in ex)
+    # each comparison is statistics.compare_pair on the paired outcomes
+    c = next(c for c in ex if c["criterion"] == "ends_with_end" and {c["a"], c["b"]} == {"sft", "base"})
+    ref = compare_pair(outcome(scores, c["a"], "ends_with_end"), outcome(scores, c["b"], "ends_with_end"))
     assert (c["difference"], c["ci_low"], c["ci_high"], c["p_value"]) == (
         ref.difference, ref.ci_low, ref.ci_high, ref.mcnemar.p_value)
 
 
-def test_planted_difference_is_significant_identical_models_are_not(results):
-    comps = results["comparisons"]
-    dpo_base = A.find_comparison(comps, "ends_with_end", "dpo", "base")
-    assert dpo_base["difference"] == 1.0 and dpo_base["significant"]
-    assert dpo_base["only_a"] == results["n_items"] and dpo_base["only_b"] == 0
-    same = [c for c in comps if {c["a"], c["b"]} == {"dpo", "dpo_only"}]
-    assert same and all(c["p_value"] == 1.0 and not c["significant"] and c["difference"] == 0 for c in same)
-    # In pipeline order the later model is "a": differences read as improvement over the earlier.
-    assert ("dpo", "base") in {(c["a"], c["b"]) for c in comps}
+def test_find_comparison_flips_orientation(results):
+    ex = results["exploratory"]["comparisons"]
+    c = next(c for c in ex if c["criterion"] == "coherent" and (c["a"], c["b"]) == ("sft", "base"))
+    flipped = A.find_comparison(ex, "coherent", "base", "sft")
+    assert flipped["difference"] == -c["difference"]
+    assert (flipped["ci_low"], flipped["ci_high"]) == (-c["ci_high"], -c["ci_low"])
 
 
-def test_power_note(items, results):
-    power = results["power"]
-    for criterion in results["criteria"]:
-        p = power["criteria"][criterion]
-        assert 0 < p["mdd"] <= p["mdd_bonferroni"] <= 1
-    assert power["criteria"]["ends_with_end"]["n"] == len(items)
-    assert power["criteria"]["factually_correct"]["n"] == sum(bool(i.reference_answers) for i in items)
-    assert str(power["n_tests"]) in power["note"]
+# --------------------------------------------------------------------------------------------
+# The answers
+# --------------------------------------------------------------------------------------------
+
+
+def answers(results):
+    return {(q["id"], aspect): a["answer"] for q in results["questions"] for aspect, a in q["aspects"].items()}
+
+
+def test_planted_effects_give_the_expected_answers(results):
+    got = answers(results)
+    assert got[("Q2", "format")] == "better"  # END on every item against every other item
+    assert got[("Q2", "content")] == "equivalent"  # identical answers: 36 items bound the difference inside ±10
+    assert got[("Q3", "format")] == "equivalent"
+    assert got[("Q3", "content")] == "better"  # dpo_only hands the instruction back on half the items
+    assert got[("Q1", "content")] == "equivalent"
+    q1 = results["questions"][0]["aspects"]["format"]
+    assert q1["answer"] == "cannot tell" and q1["underpowered"]  # 1/2 vs 1/3 ending in END on 36 items
+    q2 = results["questions"][1]
+    assert q2["notes"] == NOTES["Q2"]
+
+
+def test_a_question_without_its_models_is_not_evaluated(items, scores):
+    r = A.analyze(items, scores, models=["base", "sft", "dpo", "dpo_only"])
+    q1 = r["questions"][0]
+    assert not q1["evaluated"] and q1["missing"] == ["base_fewshot"] and q1["aspects"] == {}
+    assert r["primary_family"]["n_tests"] == 4
+
+
+def test_conclusions_say_what_the_run_can_and_cannot_tell(items, results):
+    c = results["conclusions"]
+    assert c["n_items"] == len(items) and c["margin"] == 0.10
+    assert c["alpha"] == pytest.approx(0.05 / 6)
+    q1 = next(q for q in c["questions"] if q["id"] == "Q1")
+    assert q1["aspects"]["format"]["n"] == len(items)
+    assert "Q1 format" in c["underpowered"]
+    text = " ".join(c["statements"])
+    assert "template-disjoint" in text and "2 template(s)" in text
+    assert "not evidence of no difference" in text
+
+
+def test_in_distribution_slice_is_analysed_apart(items, scores):
+    responses = make_responses(items)
+    extra = [i.model_copy(update={"id": f"id-{i.id}"}) for i in items[:12]]
+    extra_scores = A.score_all(extra, {m: [r.model_copy(update={"id": f"id-{r.id}"}) for r in rs[:12]]
+                                       for m, rs in responses.items()})
+    r = A.analyze(items, [*scores, *extra_scores], models=MODELS, in_distribution_items=extra)
+    slice_ = r["in_distribution"]
+    assert slice_["n_items"] == 12 and len(slice_["answers"]) == 6
+    assert all(a["family"] == "in_distribution" for a in slice_["answers"])
+    assert r["n_items"] == len(items)  # the slice never enters the answers
+    assert r["questions"] == A.analyze(items, scores, models=MODELS)["questions"]
 
 
 def test_results_round_trip_through_json(results):
     text = json.dumps(results, allow_nan=False)
     assert json.loads(text) == results
-
-
-# --------------------------------------------------------------------------------------------
-# The verdict
-# --------------------------------------------------------------------------------------------
-
-
-def test_verdict_ready_with_planted_effect_and_flips_without(items, results):
-    v = results["verdict"]
-    assert v["verdict"] == "ready", v["reasons"]
-    assert "dpo" in v["rule"] and "base" in v["rule"] and "Benjamini-Hochberg" in v["rule"]
-    assert v["guards"] == ["base", "sft"]
-    assert any("significantly better" in r and "ends_with_end" in r for r in v["reasons"])
-
-    flat = A.score_all(items, make_responses(items, planted=False))
-    v2 = A.analyze(items, flat, models=MODELS, n_resamples=N_RESAMPLES)["verdict"]
-    assert v2["verdict"] == "not ready"
-    # dpo is now significantly worse than sft (sft ends with END on half the items).
-    assert any("significantly worse" in r and "sft" in r for r in v2["reasons"])
-
-
-def _comp(criterion, a, b, diff, significant):
-    return {"criterion": criterion, "a": a, "b": b, "n": 50, "rate_a": 0.5 + diff / 2,
-            "rate_b": 0.5 - diff / 2, "difference": diff, "ci_low": diff - 0.1, "ci_high": diff + 0.1,
-            "only_a": 5, "only_b": 1, "cohens_h": diff, "p_value": 0.01 if significant else 0.4,
-            "p_adjusted": 0.02 if significant else 0.5, "significant": significant}
-
-
-@pytest.mark.parametrize(
-    "lead_significant, sft_regression, expected",
-    [(True, False, "ready"), (False, False, "inconclusive"), (True, True, "not ready")],
-)
-def test_verdict_rule_outcomes(lead_significant, sft_regression, expected):
-    models = ["base", "sft", "dpo"]
-    comps = []
-    for criterion in A.REPORT_CRITERIA:
-        key = criterion in A.KEY_CRITERIA
-        comps.append(_comp(criterion, "dpo", "base", 0.3 if key else 0.0, key and (lead_significant or criterion != "all_criteria")))
-        worse = sft_regression and criterion == "coherent"
-        comps.append(_comp(criterion, "dpo", "sft", -0.3 if worse else 0.0, worse))
-        comps.append(_comp(criterion, "sft", "base", 0.0, False))
-    v = A.verdict(comps, models, q=0.05)
-    assert v["verdict"] == expected, v["reasons"]
-
-
-def test_verdict_not_evaluated_without_candidate(items, scores):
-    v = A.analyze(items, scores, models=["base", "sft"], n_resamples=100)["verdict"]
-    assert v["verdict"] == "not evaluated"
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,11 +301,11 @@ def test_verdict_not_evaluated_without_candidate(items, scores):
 def test_judge_scores_are_a_separate_section(items, scores, results):
     assert results["judge"] is None
     judged = [s.model_copy(update={"judge": {"helpfulness": 4.0 if s.model == "dpo" else 2.0}}) for s in scores]
-    r = A.analyze(items, judged, models=MODELS, n_resamples=100)
+    r = A.analyze(items, judged, models=MODELS)
     assert r["judge"]["means"]["dpo"]["helpfulness"] == {"n": len(items), "mean": 4.0, "sd": 0.0}
     assert r["judge"]["means"]["base"]["helpfulness"]["mean"] == 2.0
     assert "helpfulness" not in r["criteria"] and "helpfulness" not in r["rates"]["dpo"]
-    assert all(c["criterion"] != "helpfulness" for c in r["comparisons"])
+    assert all(c["criterion"] != "helpfulness" for c in r["exploratory"]["comparisons"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,16 +327,18 @@ def written(tmp_path_factory, items, results):
     provenance = {"config_hash": "ab" * 32, "versions": {"torch": "2.13.0"}, "url": "http://example.org/x",
                   "note": "a | b\nc <b>bold</b>"}
     out = tmp_path_factory.mktemp("report")
+    (out / "deltas.png").write_bytes(b"stale")  # a plot of an earlier report version
     paths = R.write_report(results, out_dir=out, samples=samples, baseline=baseline,
                            summaries=summaries, provenance=provenance)
     return paths
 
 
 def test_write_report_writes_every_file(written):
-    assert {"markdown", "html", "pass_rates", "categories", "deltas"} <= set(written)
-    for key in ("pass_rates", "categories", "deltas"):
+    assert {"markdown", "html", "answers", "pass_rates", "categories"} <= set(written)
+    for key in ("answers", "pass_rates", "categories"):
         data = written[key].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert not (written["markdown"].parent / "deltas.png").exists()
 
 
 def test_html_is_self_contained_and_escaped(written):
@@ -336,42 +350,42 @@ def test_html_is_self_contained_and_escaped(written):
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; done" in page
     assert "http://example.org/x" in page  # provenance text shown, never linked
     assert "c &lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold" not in page
-    for title in ("Headline", "Plots", "Pairwise comparisons", "Power", "Per category",
-                  "Capability baseline", "Data and training", "Sample responses", "Provenance"):
+    titles = ("Answers", "What this run can and cannot conclude", "Plots", "Pass rates",
+              "Exploratory comparisons (not the questions)", "Per category", "Capability baseline",
+              "Data and training", "Sample responses", "Provenance")
+    for title in titles:
         assert f">{title}</h2>" in page
-    order = [page.index(f">{t}</h2>") for t in ("Headline", "Plots", "Pairwise comparisons", "Power",
-                                                "Per category", "Sample responses", "Provenance")]
+    order = [page.index(f">{t}</h2>") for t in titles]
     assert order == sorted(order)
 
 
-def test_markdown_has_headline_table_and_verdict(written, results):
+def test_markdown_answers_first_with_notes_and_reading_guide(written, results):
     md = written["markdown"].read_text(encoding="utf-8")
-    assert "**Verdict: READY**" in md
-    assert results["verdict"]["rule"].split(";")[0] in md
-    header = next(line for line in md.splitlines() if line.startswith("| criterion | n |"))
-    assert all(f" {m} " in header for m in MODELS)
-    table = R.headline_table(results)
-    assert table in md
+    table = R.answers_table(results)
+    assert table in md and md.index(table) < md.index("## What this run can and cannot conclude")
     rows = table.splitlines()
-    assert len(rows) == 2 + len(results["criteria"])
+    assert len(rows) == 2 + 6
+    assert "| Q2 Does DPO add to SFT? | dpo vs sft | format |" in md
+    assert "Note: Both DPO runs saw 64 pairs: a budget note." in md
+    assert "How to read an answer" in md and "never evidence of no harm" in md
+    assert "Q2 format better, content equivalent" in R.answers_summary(results)
     # Markdown tables are well formed: every row of every table has its header's column count.
     for block in re.findall(r"(?:^\|.*\|$\n?)+", md, re.MULTILINE):
         counts = {len(re.findall(r"(?<!\\)\|", line)) for line in block.strip().splitlines()}
         assert len(counts) == 1, block[:200]
     assert "a \\| b<br>c &lt;b>bold&lt;/b>" in md  # a cell with a pipe, a newline and a tag
-    # The planted script is inside a fenced code block, never loose Markdown/HTML.
     before = md[: md.index("<script>")]
-    assert before.count("```") % 2 == 1
-    for png in ("pass_rates.png", "categories.png", "deltas.png"):
+    assert before.count("```") % 2 == 1  # the planted script is inside a fenced block
+    for png in ("answers.png", "pass_rates.png", "categories.png"):
         assert f"]({png})" in md
 
 
-def test_headline_table_marks_best_model(results):
-    table = R.headline_table(results)
+def test_rates_table_marks_best_model(results):
+    table = R.rates_table(results)
     row = next(line for line in table.splitlines() if line.startswith("| ends_with_end "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "0% [0–10]"  # base, not bold
-    assert cells[4].startswith("**100% [") and cells[5].startswith("**100% [")  # dpo, dpo_only tied best
+    assert cells[5].startswith("**100% [") and cells[6].startswith("**100% [")  # dpo, dpo_only tied best
     same = next(line for line in table.splitlines() if line.startswith("| proper_structure "))
     assert "**" not in same  # every model equal: nobody is "best"
 
@@ -387,3 +401,10 @@ def test_report_plots_training_curves_from_training_json_histories(tmp_path, res
     # no history recorded (e.g. a report rebuilt before any training): no empty figure
     assert R.plot_training_curves({"sft": {"history": []}}) is None
     assert "training_curves" not in R.write_report(results, out_dir=tmp_path / "none", curves={})
+
+
+def test_report_for_a_run_without_base_fewshot(tmp_path, items, scores):
+    r = A.analyze(items, scores, models=["base", "sft", "dpo", "dpo_only"])
+    paths = R.write_report(r, out_dir=tmp_path)
+    md = paths["markdown"].read_text()
+    assert "not evaluated (no base_fewshot)" in md

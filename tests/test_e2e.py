@@ -30,7 +30,7 @@ TINY_COUNTS = [
     "sft.epochs=2", "sft.batch_size=4", "sft.save_steps=1000",
     "pairs.max_new_tokens=24", "pairs.max_prompts=32",
     "dpo.max_steps=2", "dpo.batch_size=4",
-    "evaluation.max_new_tokens=24", "evaluation.bootstrap_resamples=500",
+    "evaluation.max_new_tokens=24",
 ]
 
 

@@ -168,6 +168,7 @@ class EvalResponse(Record):
 
     model: Text
     prompt: Text
+    prompt_form: Literal["zero_shot", "few_shot"] = "zero_shot"  # few_shot: the prompt that wrote the SFT data
     raw_text: str
     response: str
     stop_string: str | None = None

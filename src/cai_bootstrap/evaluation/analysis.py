@@ -1,19 +1,22 @@
-"""From saved responses to the report's numbers: scores, rates, paired comparisons, a verdict.
+"""From saved responses to the report's numbers: scores, rates, the three questions' answers.
 
 Pure functions, no models. ``score_all`` applies the deterministic criteria to every response;
 ``analyze`` turns the scores into one JSON-serialisable ``results`` dict:
 
 - ``rates``: per model x criterion, pass rate with a Wilson interval (``statistics.summarize``);
 - ``categories``: the same per item category;
-- ``comparisons``: every pair of models on every criterion (``statistics.compare_pair``), with
-  Benjamini-Hochberg applied once across all of them (``statistics.adjust_all``);
-- ``power``: the smallest difference the test set could detect, per criterion;
-- ``judge``: optional LLM-judge scores, summarised on their own and never mixed into the above;
-- ``verdict``: ready / inconclusive / not ready, with the rule that decided it and the reasons.
+- ``questions``: the three research questions of ``questions.QUESTIONS``, each answered on format
+  and on content — the *primary family*, fixed before the data, Benjamini-Hochberg within it;
+- ``exploratory``: every other pair of models and every single criterion, BH within that family
+  alone, kept apart from the answers;
+- ``conclusions``: what this run can and cannot conclude (n, minimum detectable differences,
+  which questions are underpowered);
+- ``in_distribution``: the same questions on an optional slice of held-out fillers of *training*
+  templates, reported apart (its own correction) and never mixed into the answers;
+- ``judge``: optional LLM-judge scores, summarised on their own.
 
-The criteria reported are the nine of ``criteria.CRITERIA``, the IFEval-style constraint checks
-(``ifeval_strict``, ``ifeval_loose``) and ``all_criteria``, the share of items on which a response
-passes every criterion that applies to it.
+The criteria reported are the composites ``format`` and ``content`` (``questions.ASPECTS``), the
+nine of ``criteria.CRITERIA`` and the constraint checks (``ifeval_strict``, ``ifeval_loose``).
 """
 
 from __future__ import annotations
@@ -30,36 +33,36 @@ from ..formats import END_SUFFIX, cut_response
 from ..schemas import CATEGORIES, EvalResponse, EvalScore, InstructionRecord
 from . import criteria as crit
 from . import ifeval
-from .statistics import PairComparison, adjust_all, compare_pair, min_detectable_difference, summarize
+from .questions import (
+    ASPECT_DEFINITIONS,
+    ASPECTS,
+    DEFAULT_MARGIN,
+    POWER,
+    QUESTIONS,
+    composite,
+    decide,
+    family_alpha,
+)
+from .statistics import PairComparison, adjust_all, compare_pair, summarize
 
-RESULTS_SCHEMA = "cai-bootstrap/results/v1"
+RESULTS_SCHEMA = "cai-bootstrap/results/v2"
 CONFIDENCE = 0.95
-POWER = 0.80
 
 IFEVAL = ("ifeval_strict", "ifeval_loose")
-ALL = "all_criteria"
-# Everything that gets a rate, in report order: the headline composite first.
-REPORT_CRITERIA: tuple[str, ...] = (ALL, *crit.CRITERIA, *IFEVAL)
-# What all_criteria requires: the nine criteria and the loose constraint check. The strict check
-# is left out on purpose: it fails a response for a one-line preamble that every other criterion
-# forgives, so including it would make the composite mostly a measure of preambles.
-COMPOSITE_PARTS: tuple[str, ...] = (*crit.CRITERIA, "ifeval_loose")
-
-# The verdict: what the method is meant to change (a response that ends cleanly with END, that
-# does not run on into a new turn, and that passes everything else too).
-DEFAULT_CANDIDATE = "dpo"
-DEFAULT_BASELINE = "base"
-KEY_CRITERIA: tuple[str, ...] = ("ends_with_end", "no_rambling", ALL)
+# Everything that gets a rate, in report order: the two composites the questions are answered on first.
+REPORT_CRITERIA: tuple[str, ...] = (*ASPECTS, *crit.CRITERIA, *IFEVAL)
 
 DEFINITIONS: dict[str, str] = {
-    ALL: "passes every criterion that applies to the item (the nine criteria and ifeval_loose)",
+    **ASPECT_DEFINITIONS,
     "ends_with_end": "closes the answer with END",
     "proper_structure": "non-empty body without template residue or chat tokens",
     "no_rambling": "does not start a new turn and does not hit the token limit",
-    "addresses_instruction": "attempts the task (no refusal, no copy of the instruction)",
+    "addresses_instruction": "attempts the task: no refusal, no copy of the instruction or of its input "
+                             "text, no tautology or bare fragment of the prompt",
     "appropriate_length": "within stated or typical length bounds",
     "no_unwarranted_refusal": "does not refuse (every test instruction is benign)",
-    "factually_correct": "matches a reference answer (only items with references)",
+    "factually_correct": "its answer is a reference answer: not hedged between candidates, not negated, "
+                         "not contradicted (only items with references)",
     "coherent": "not looping, not symbol soup or gibberish",
     "on_topic": "about the instruction's subject (where words can tell)",
     "ifeval_strict": "IFEval prompt-level strict: every IFEval instruction of the item followed, by Google's "
@@ -134,20 +137,16 @@ def score_all(
 Outcomes = dict[str, dict[str, list["bool | None"]]]
 
 
-def composite(score: EvalScore) -> bool:
-    """all_criteria for one response: every applicable part of COMPOSITE_PARTS passes."""
-    values = [score.criteria.get(c) for c in crit.CRITERIA] + [score.checks_loose]
-    return all(v for v in values if v is not None)
-
-
-def _outcome_row(score: EvalScore) -> dict[str, bool | None]:
+def outcome_row(score: EvalScore) -> dict[str, bool | None]:
+    """Every reported criterion for one response: the nine, the checks and the two composites."""
     missing = [c for c in crit.CRITERIA if c not in score.criteria]
     if missing:
         raise ValueError(f"score {score.model}/{score.id} lacks criteria {missing}")
     row: dict[str, bool | None] = {c: score.criteria[c] for c in crit.CRITERIA}
     row["ifeval_strict"] = score.checks_strict
     row["ifeval_loose"] = score.checks_loose
-    row[ALL] = composite(score)
+    for aspect, parts in ASPECTS.items():
+        row[aspect] = composite(row, parts)
     return row
 
 
@@ -156,23 +155,25 @@ def outcomes(
 ) -> Outcomes:
     """Per model and criterion, the outcome on each item (test-set order).
 
-    Scores of models not in ``models`` are ignored; a listed model must have exactly one score per
-    test item (ValueError otherwise).
+    Scores of models not in ``models`` or of items not in ``items`` are ignored; a listed model
+    must have exactly one score per item (ValueError otherwise).
     """
     item_ids = [i.id for i in items]
+    wanted = set(item_ids)
     by_model: dict[str, list[EvalScore]] = defaultdict(list)
     for s in scores:
-        by_model[s.model].append(s)
+        if s.id in wanted:
+            by_model[s.model].append(s)
     result: Outcomes = {}
     for model in models:
         _check_ids(model, item_ids, [s.id for s in by_model.get(model, [])], "score")
-        rows = {s.id: _outcome_row(s) for s in by_model[model]}
+        rows = {s.id: outcome_row(s) for s in by_model[model]}
         result[model] = {c: [rows[i][c] for i in item_ids] for c in REPORT_CRITERIA}
     return result
 
 
 # --------------------------------------------------------------------------------------------
-# The sections of the results
+# Rates
 # --------------------------------------------------------------------------------------------
 
 
@@ -195,15 +196,21 @@ def _categories(items: Sequence[InstructionRecord], out: Outcomes) -> dict[str, 
     return section
 
 
+# --------------------------------------------------------------------------------------------
+# Comparisons, in families
+# --------------------------------------------------------------------------------------------
+
+
 def model_pairs(models: Sequence[str]) -> list[tuple[str, str]]:
     """Every pair once, as (a, b) with a the model listed later: differences read "a - b", so
-    with models in pipeline order (base, sft, dpo, ...) a positive difference is an improvement
-    over the earlier model."""
+    with models in pipeline order (base, base_fewshot, sft, dpo, ...) a positive difference is an
+    improvement over the earlier model."""
     return [(b, a) for a, b in combinations(models, 2)]
 
 
-def _comparison_dict(criterion: str, a: str, b: str, c: PairComparison) -> dict[str, Any]:
+def _comparison_dict(criterion: str, a: str, b: str, c: PairComparison, family: str) -> dict[str, Any]:
     return {
+        "family": family,
         "criterion": criterion,
         "a": a,
         "b": b,
@@ -215,6 +222,7 @@ def _comparison_dict(criterion: str, a: str, b: str, c: PairComparison) -> dict[
         "ci_high": c.ci_high,
         "only_a": c.mcnemar.b_only_a,
         "only_b": c.mcnemar.b_only_b,
+        "discordant_rate": c.discordant_rate,
         "method": c.mcnemar.method,
         "statistic": c.mcnemar.statistic,
         "p_value": c.mcnemar.p_value,
@@ -224,61 +232,129 @@ def _comparison_dict(criterion: str, a: str, b: str, c: PairComparison) -> dict[
     }
 
 
-def _comparisons(out: Outcomes, models: Sequence[str], q: float, n_resamples: int, seed: int) -> list[dict]:
-    """Every pair x criterion, BH-adjusted together. Each comparison uses the same bootstrap seed,
-    so a pair's interval does not depend on which other models are in the report."""
-    keys: list[tuple[str, str, str]] = []
-    raw: list[PairComparison] = []
-    for criterion in REPORT_CRITERIA:
-        for a, b in model_pairs(models):
-            keys.append((criterion, a, b))
-            raw.append(
-                compare_pair(
-                    out[a][criterion], out[b][criterion],
-                    seed=seed, n_resamples=n_resamples, confidence=CONFIDENCE,
-                )
-            )
-    adjusted = adjust_all(raw, q)
-    return [_comparison_dict(cr, a, b, c) for (cr, a, b), c in zip(keys, adjusted)]
+def compare_family(out: Outcomes, keys: Sequence[tuple[str, str, str]], q: float, family: str) -> list[dict]:
+    """(criterion, a, b) comparisons, Benjamini-Hochberg over exactly these."""
+    raw = [compare_pair(out[a][c], out[b][c], confidence=CONFIDENCE) for c, a, b in keys]
+    return [_comparison_dict(c, a, b, r, family) for (c, a, b), r in zip(keys, adjust_all(raw, q))]
 
 
-def _power(out: Outcomes, comparisons: Sequence[dict], q: float) -> dict[str, Any]:
-    """Per criterion: how large a paired difference the test set can detect (80% power, worst
-    case discordance), at alpha = q and at the Bonferroni level q/m that bounds BH from below."""
-    m = max(len(comparisons), 1)
-    per_criterion: dict[str, dict] = {}
-    for criterion in REPORT_CRITERIA:
-        ns = [c["n"] for c in comparisons if c["criterion"] == criterion]
-        if not ns:  # one model only: no pairs, use the applicable items of that model
-            ns = [sum(v is not None for v in values[criterion]) for values in out.values()]
-        n = min(ns)
-        per_criterion[criterion] = {
-            "n": n,
-            "mdd": min_detectable_difference(n, alpha=q, power=POWER),
-            "mdd_bonferroni": min_detectable_difference(n, alpha=q / m, power=POWER),
+def primary_keys(models: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The primary family: each question whose two models were evaluated, on each aspect."""
+    return [(aspect, q.a, q.b) for q in QUESTIONS if q.a in models and q.b in models for aspect in ASPECTS]
+
+
+def exploratory_keys(models: Sequence[str]) -> list[tuple[str, str, str]]:
+    """Every pair of models on every reported criterion, except the primary comparisons."""
+    primary = {(c, frozenset((a, b))) for c, a, b in primary_keys(models)}
+    return [(c, a, b) for c in REPORT_CRITERIA for a, b in model_pairs(models)
+            if (c, frozenset((a, b))) not in primary]
+
+
+def find_comparison(comparisons: Sequence[dict], criterion: str, x: str, y: str) -> dict | None:
+    """The comparison of x against y, oriented so that difference = rate(x) - rate(y)."""
+    for c in comparisons:
+        if c["criterion"] != criterion:
+            continue
+        if (c["a"], c["b"]) == (x, y):
+            return c
+        if (c["a"], c["b"]) == (y, x):
+            return dict(c, a=x, b=y, rate_a=c["rate_b"], rate_b=c["rate_a"],
+                        difference=-c["difference"], ci_low=-c["ci_high"], ci_high=-c["ci_low"],
+                        only_a=c["only_b"], only_b=c["only_a"], cohens_h=-c["cohens_h"])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The questions
+# --------------------------------------------------------------------------------------------
+
+
+def answer_questions(
+    primary: Sequence[dict], models: Sequence[str], *, q: float, margin: float,
+    notes: Mapping[str, Sequence[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """Per question: its two aspects' comparisons with their answers (``questions.decide``), or
+    ``evaluated: False`` naming the models that were not evaluated. ``notes`` adds per-question
+    remarks (e.g. a training-budget note) that the report prints under the question."""
+    alpha = family_alpha(q, len(primary))
+    section = []
+    for question in QUESTIONS:
+        missing = [m for m in (question.a, question.b) if m not in models]
+        entry: dict[str, Any] = {
+            "id": question.id,
+            "title": question.title,
+            "meaning": question.meaning,
+            "a": question.a,
+            "b": question.b,
+            "evaluated": not missing,
+            "missing": missing,
+            "notes": list((notes or {}).get(question.id, [])),
+            "aspects": {},
         }
-    return {
-        "power": POWER,
-        "alpha": q,
-        "n_tests": len(comparisons),
-        "criteria": per_criterion,
-        "note": (
-            f"Smallest difference in pass rate a two-sided McNemar test detects with {POWER:.0%} "
-            f"power on the n items where the criterion applies to both models (the smallest n over "
-            f"the pairs), assuming the worst case that every item is discordant; first at alpha = "
-            f"{q} (mdd), then at the Bonferroni level {q}/{m} (mdd_bonferroni). Benjamini-Hochberg "
-            f"over {len(comparisons)} tests puts the real threshold between the two. A true "
-            f"difference smaller than this will often not reach significance: absence of a "
-            f"significant difference is not evidence of no difference."
-        ),
-    }
+        if not missing:
+            for aspect in ASPECTS:
+                c = find_comparison(primary, aspect, question.a, question.b)
+                entry["aspects"][aspect] = {**c, **decide(c, margin=margin, alpha=alpha)}
+        section.append(entry)
+    return section
 
 
-def _judge(scores: Sequence[EvalScore], models: Sequence[str]) -> dict[str, Any] | None:
+def conclusions(questions: Sequence[dict], n_items: int, *, q: float, margin: float, m: int,
+                test_set: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What this run can and cannot conclude: per question and aspect, the items compared, the
+    minimum detectable difference and whether the question is underpowered (that difference is
+    larger than the margin), and a few plain statements."""
+    alpha = family_alpha(q, m)
+    per_question, underpowered, statements = [], [], []
+    for question in questions:
+        entry = {"id": question["id"], "evaluated": question["evaluated"], "aspects": {}}
+        for aspect, a in question["aspects"].items():
+            entry["aspects"][aspect] = {"n": a["n"], "mdd": a["mdd"], "underpowered": a["underpowered"],
+                                        "answer": a["answer"]}
+            if a["underpowered"]:
+                underpowered.append(f"{question['id']} {aspect}")
+        per_question.append(entry)
+    if test_set:
+        if test_set.get("split_by") == "template":
+            statements.append(
+                f"The {n_items} test items come from {len(test_set.get('test_templates') or [])} template(s) that "
+                f"no training item came from (template-disjoint split): the answers are about new kinds of "
+                f"instructions, not only new fillers of trained ones.")
+        elif test_set.get("split_by") == "item":
+            statements.append(
+                f"The test items were drawn item by item: {test_set.get('shared_templates', 'some')} template(s) "
+                f"have items on both sides, so the answers are about new fillers of trained instructions "
+                f"(in-distribution), not new kinds of instructions.")
+    statements.append(
+        f"Primary family: {m} comparison(s) (3 questions x format and content), fixed before the data, "
+        f"Benjamini-Hochberg at q = {q} within it. A difference is quoted as detectable when a two-sided "
+        f"McNemar test at α = {alpha:.3g} (the level a lone effect needs under BH) finds it with "
+        f"{POWER:.0%} power, at the discordance seen between the two models.")
+    for question in per_question:
+        for aspect, a in question["aspects"].items():
+            mdd = a["mdd"]
+            state = (f"underpowered for the ±{100 * margin:.0f} margin: a real difference of that size would "
+                     f"often go unseen" if a["underpowered"] else f"powered for the ±{100 * margin:.0f} margin")
+            statements.append(
+                f"{question['id']} {aspect}: {a['n']} items; detectable difference {100 * mdd['observed']:.0f} "
+                f"points at the discordance seen ({100 * mdd['worst_case']:.0f} in the worst case); {state}.")
+    statements.append(
+        "A 'cannot tell' is not evidence of no difference, and a significant exploratory comparison is a "
+        "hypothesis for the next run, not a finding of this one.")
+    return {"n_items": n_items, "margin": margin, "alpha": alpha, "power": POWER,
+            "questions": per_question, "underpowered": underpowered, "statements": statements}
+
+
+# --------------------------------------------------------------------------------------------
+# Judge scores (kept apart)
+# --------------------------------------------------------------------------------------------
+
+
+def _judge(scores: Sequence[EvalScore], models: Sequence[str], item_ids: set[str]) -> dict[str, Any] | None:
     """Mean (and sd) of each judge metric per model; None when no score has any."""
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for s in scores:
-        if s.model in models:
+        if s.model in models and s.id in item_ids:
             for metric, v in s.judge.items():
                 values[metric][s.model].append(float(v))
     if not values:
@@ -297,124 +373,45 @@ def _judge(scores: Sequence[EvalScore], models: Sequence[str]) -> dict[str, Any]
         "metrics": metrics,
         "means": means,
         "note": "LLM-judge scores: model-graded and not verifiable; they are kept out of the "
-        "deterministic criteria, the multiple-testing correction and the verdict.",
+        "deterministic criteria, the multiple-testing correction and the answers.",
     }
-
-
-# --------------------------------------------------------------------------------------------
-# The verdict
-# --------------------------------------------------------------------------------------------
-
-
-def find_comparison(comparisons: Sequence[dict], criterion: str, x: str, y: str) -> dict | None:
-    """The comparison of x against y, oriented so that difference = rate(x) - rate(y)."""
-    for c in comparisons:
-        if c["criterion"] != criterion:
-            continue
-        if (c["a"], c["b"]) == (x, y):
-            return c
-        if (c["a"], c["b"]) == (y, x):
-            flipped = dict(c, a=x, b=y, rate_a=c["rate_b"], rate_b=c["rate_a"],
-                           difference=-c["difference"], ci_low=-c["ci_high"], ci_high=-c["ci_low"],
-                           only_a=c["only_b"], only_b=c["only_a"], cohens_h=-c["cohens_h"])
-            return flipped
-    return None
-
-
-def _describe(c: dict) -> str:
-    return (
-        f"{c['a']} {c['rate_a']:.0%} vs {c['b']} {c['rate_b']:.0%} on {c['criterion']} "
-        f"(diff {c['difference']:+.0%} [{c['ci_low']:+.0%}, {c['ci_high']:+.0%}], "
-        f"p_BH={c['p_adjusted']:.3g})"
-    )
-
-
-def rule_text(candidate: str, baseline: str, guards: Sequence[str], key: Sequence[str], q: float, n_tests: int) -> str:
-    return (
-        f"READY when (1) {candidate} passes more items than {baseline} on each of "
-        f"{', '.join(key)}, significantly: McNemar p ≤ {q} after Benjamini-Hochberg over all "
-        f"{n_tests} tests of this report; and (2) {candidate} is not significantly worse (same "
-        f"correction) than {' or '.join(guards)} on any criterion. NOT READY when (2) fails or "
-        f"{candidate} is not ahead of {baseline} on some key criterion. INCONCLUSIVE when {candidate} "
-        f"is ahead on every key criterion and nowhere significantly worse, but some lead is not "
-        f"significant (see the power note)."
-    )
-
-
-def verdict(
-    comparisons: Sequence[dict],
-    models: Sequence[str],
-    *,
-    q: float,
-    candidate: str = DEFAULT_CANDIDATE,
-    baseline: str = DEFAULT_BASELINE,
-    key_criteria: Sequence[str] = KEY_CRITERIA,
-) -> dict[str, Any]:
-    """Decide readiness by the rule of :func:`rule_text`.
-
-    The guards are the baseline and every model listed before the candidate (what it was built
-    from: with the default order, base and sft for dpo). Models after it (dpo_only, extras) do
-    not decide the verdict; ``notes`` compares the candidate with each of them on all_criteria.
-    """
-    base_info = {"candidate": candidate, "baseline": baseline, "key_criteria": list(key_criteria)}
-    if candidate not in models or baseline not in models or candidate == baseline:
-        return {
-            "verdict": "not evaluated",
-            "rule": f"needs the candidate {candidate!r} and the baseline {baseline!r} among the models",
-            "reasons": [f"models evaluated: {', '.join(models)}"],
-            "notes": [],
-            "guards": [],
-            **base_info,
-        }
-    guards = [baseline] + [m for m in models[: models.index(candidate)] if m != baseline]
-    rule = rule_text(candidate, baseline, guards, key_criteria, q, len(comparisons))
-
-    regressions = []
-    for guard in guards:
-        for criterion in REPORT_CRITERIA:
-            c = find_comparison(comparisons, criterion, candidate, guard)
-            if c and c["significant"] and c["difference"] < 0:
-                regressions.append(c)
-    behind, unproven, proven = [], [], []
-    for criterion in key_criteria:
-        c = find_comparison(comparisons, criterion, candidate, baseline)
-        if c is None or c["n"] == 0 or c["difference"] <= 0:
-            behind.append(c or {"criterion": criterion})
-        elif c["significant"]:
-            proven.append(c)
-        else:
-            unproven.append(c)
-
-    reasons = [f"significantly worse: {_describe(c)}" for c in regressions]
-    for c in behind:
-        if "a" not in c or c["n"] == 0:
-            reasons.append(f"no paired items to compare on {c['criterion']}")
-        else:
-            reasons.append(f"not ahead: {_describe(c)}")
-    reasons += [f"ahead but not significant: {_describe(c)}" for c in unproven]
-    reasons += [f"significantly better: {_describe(c)}" for c in proven]
-    if not regressions:
-        reasons.append(f"{candidate} is not significantly worse than {' or '.join(guards)} on any criterion")
-
-    notes = []
-    for other in models[models.index(candidate) + 1:]:
-        c = find_comparison(comparisons, ALL, candidate, other)
-        if c and c["n"]:
-            flag = "significant" if c["significant"] else "not significant"
-            notes.append(f"{_describe(c)}: {flag}")
-
-    if regressions or behind:
-        decision = "not ready"
-    elif unproven:
-        decision = "inconclusive"
-    else:
-        decision = "ready"
-    return {"verdict": decision, "rule": rule, "reasons": reasons, "notes": notes, "guards": guards, **base_info}
 
 
 # --------------------------------------------------------------------------------------------
 # Everything together
 # --------------------------------------------------------------------------------------------
+
+
+def _check_models(models: Sequence[str]) -> list[str]:
+    models = list(models)
+    if not models:
+        raise ValueError("no models to analyse")
+    if len(set(models)) != len(models):
+        raise ValueError(f"models listed twice: {models}")
+    return models
+
+
+def _in_distribution(items: Sequence[InstructionRecord], scores: Sequence[EvalScore], models: Sequence[str],
+                     *, q: float, margin: float) -> dict[str, Any]:
+    """The questions' comparisons on the in-distribution slice, BH within the slice alone."""
+    out = outcomes(items, scores, models)
+    keys = primary_keys(models)
+    comparisons = compare_family(out, keys, q, "in_distribution")
+    alpha = family_alpha(q, len(keys))
+    answers = []
+    for question in QUESTIONS:
+        if question.a in models and question.b in models:
+            for aspect in ASPECTS:
+                c = find_comparison(comparisons, aspect, question.a, question.b)
+                answers.append({"question": question.id, **c, **decide(c, margin=margin, alpha=alpha)})
+    return {
+        "n_items": len(items),
+        "category_counts": dict(Counter(i.category for i in items)),
+        "rates": _rates(out),
+        "answers": answers,
+        "note": "Held-out fillers of templates that training also drew from: how the models do on the kind of "
+                "instruction they were trained on. Reported apart, BH within this slice only; not the answers.",
+    }
 
 
 def analyze(
@@ -423,29 +420,25 @@ def analyze(
     *,
     models: Sequence[str],
     q: float = 0.05,
-    n_resamples: int = 10_000,
-    seed: int = 0,
-    candidate: str = DEFAULT_CANDIDATE,
-    baseline: str = DEFAULT_BASELINE,
-    key_criteria: Sequence[str] = KEY_CRITERIA,
+    margin: float = DEFAULT_MARGIN,
+    question_notes: Mapping[str, Sequence[str]] | None = None,
+    test_set: Mapping[str, Any] | None = None,
+    in_distribution_items: Sequence[InstructionRecord] = (),
 ) -> dict[str, Any]:
     """The results of an evaluation as one JSON-serialisable dict (see the module docstring).
 
-    ``models`` gives the order (pipeline order: base, sft, dpo, dpo_only, extras) and which
-    models are analysed; each must have exactly one score per item.
+    ``models`` gives the order (pipeline order: base, base_fewshot, sft, dpo, dpo_only, extras)
+    and which models are analysed; each must have exactly one score per item. ``test_set``
+    describes how the test set was built (``instructions_report.json``: split_by, templates).
     """
-    models = list(models)
-    if not models:
-        raise ValueError("no models to analyse")
-    if len(set(models)) != len(models):
-        raise ValueError(f"models listed twice: {models}")
+    models = _check_models(models)
     if not items:
         raise ValueError("no test items")
-    unknown = [c for c in key_criteria if c not in REPORT_CRITERIA]
-    if unknown:
-        raise ValueError(f"unknown key criteria {unknown}; known: {list(REPORT_CRITERIA)}")
     out = outcomes(items, scores, models)
-    comparisons = _comparisons(out, models, q, n_resamples, seed)
+    primary = compare_family(out, primary_keys(models), q, "primary")
+    exploratory = compare_family(out, exploratory_keys(models), q, "exploratory")
+    questions = answer_questions(primary, models, q=q, margin=margin, notes=question_notes)
+    item_ids = {i.id for i in items}
     return {
         "schema": RESULTS_SCHEMA,
         "models": models,
@@ -453,29 +446,37 @@ def analyze(
         "definitions": dict(DEFINITIONS),
         "n_items": len(items),
         "category_counts": dict(Counter(i.category for i in items)),
+        "test_set": dict(test_set) if test_set else None,
         "settings": {
             "q": q,
             "confidence": CONFIDENCE,
-            "n_resamples": n_resamples,
-            "seed": seed,
-            "interval": "Wilson score (rates); paired percentile bootstrap (differences)",
+            "margin": margin,
+            "power": POWER,
+            "interval": "Wilson score (rates); Newcombe hybrid score for paired data (differences)",
             "test": "McNemar (exact binomial below 25 discordant pairs, else chi2 with continuity correction)",
-            "correction": "Benjamini-Hochberg over every comparison in this report",
+            "correction": "Benjamini-Hochberg within each family: primary (the questions), exploratory, "
+                          "in-distribution",
         },
         "rates": _rates(out),
         "categories": _categories(items, out),
-        "comparisons": comparisons,
-        "multiple_testing": {
-            "method": "benjamini-hochberg",
+        "questions": questions,
+        "primary_family": {
+            "hypotheses": [f"{a} vs {b} on {c}" for c, a, b in primary_keys(models)],
+            "n_tests": len(primary),
+            "n_significant": sum(bool(c["significant"]) for c in primary),
             "q": q,
-            "n_tests": len(comparisons),
-            "n_significant": sum(bool(c["significant"]) for c in comparisons),
+            "fixed_in": "cai_bootstrap.evaluation.questions (QUESTIONS, ASPECTS)",
         },
-        "power": _power(out, comparisons, q),
-        "judge": _judge(scores, models),
-        "verdict": verdict(
-            comparisons, models, q=q, candidate=candidate, baseline=baseline, key_criteria=key_criteria
-        ),
+        "exploratory": {
+            "comparisons": exploratory,
+            "n_tests": len(exploratory),
+            "n_significant": sum(bool(c["significant"]) for c in exploratory),
+            "q": q,
+        },
+        "conclusions": conclusions(questions, len(items), q=q, margin=margin, m=len(primary), test_set=test_set),
+        "in_distribution": (_in_distribution(in_distribution_items, scores, models, q=q, margin=margin)
+                            if in_distribution_items else None),
+        "judge": _judge(scores, models, item_ids),
     }
 
 

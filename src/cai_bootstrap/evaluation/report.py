@@ -5,9 +5,10 @@ sample grids) by a small function; two renderers turn the blocks into Markdown a
 has its CSS inline and its images embedded as base64 PNG data URIs: it loads nothing from
 anywhere. All text that comes from data (instructions, responses, names, provenance) is escaped.
 
-Sections, in order: headline (verdict, rule, models x criteria table), plots, pairwise
-comparisons, power, per category, judge scores (if any), capability baseline, data and training
-summaries, sample responses, provenance.
+Sections, in order: the answers to the three questions (with per-question notes), what this run
+can and cannot conclude, plots, pass rates, exploratory comparisons (apart, their own correction),
+the in-distribution slice (if any), per category, judge scores (if any), capability baseline,
+data and training summaries, sample responses, provenance.
 """
 
 from __future__ import annotations
@@ -32,19 +33,16 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from ..files import atomic_write_bytes, atomic_write_text  # noqa: E402
-from .analysis import ALL, find_comparison  # noqa: E402
+from .questions import ASPECTS, points  # noqa: E402
 from .training_summary import budget_notes  # noqa: E402
 
 DPI = 130
 # Fixed colours for the pipeline's models; extras take the rest in order.
-MODEL_COLOURS = {"base": "#9a9a9a", "sft": "#4c78a8", "dpo": "#e45756", "dpo_only": "#f2a541"}
+MODEL_COLOURS = {"base": "#9a9a9a", "base_fewshot": "#5f5f5f", "sft": "#4c78a8", "dpo": "#e45756",
+                 "dpo_only": "#f2a541"}
 EXTRA_COLOURS = ["#54a24b", "#b279a2", "#72b7b2", "#9d755d", "#eeca3b", "#ff9da6", "#439894"]
-VERDICT_STYLE = {
-    "ready": ("#e6f4ea", "#1e7b34"),
-    "inconclusive": ("#fff6e0", "#8a6100"),
-    "not ready": ("#fde8e8", "#b42318"),
-    "not evaluated": ("#eef0f3", "#44505c"),
-}
+ANSWER_COLOURS = {"better": "#1e7b34", "worse": "#b42318", "equivalent": "#1d4f91", "cannot tell": "#44505c"}
+COMPOSITES = tuple(ASPECTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +68,7 @@ class Table:
 @dataclass
 class Para:
     text: str
-    kind: str = ""  # "verdict:<verdict>" for the banner, "note" for small print
+    kind: str = ""  # "question" for a question's heading, "note" for small print
 
 
 @dataclass
@@ -198,11 +196,11 @@ def _legend_on_top(ax, handles, ncol: int) -> None:
 
 
 def _criterion_axis(ax, criteria: list[str]) -> None:
-    """Criteria top to bottom on the y axis, the composite one in bold."""
+    """Criteria top to bottom on the y axis, the composites in bold."""
     ax.set_yticks(range(len(criteria)))
     ax.set_yticklabels(criteria)
     for label in ax.get_yticklabels():
-        if label.get_text() == ALL:
+        if label.get_text() in COMPOSITES:
             label.set_fontweight("bold")
     ax.set_ylim(len(criteria) - 0.5, -0.5)
 
@@ -232,8 +230,9 @@ def plot_pass_rates(results: Mapping[str, Any]) -> bytes:
     ax.set_xlim(0, 1.0)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(axis="x", color="#dddddd", zorder=0)
-    if ALL in criteria:
-        ax.axhline(criteria.index(ALL) + 0.5, color="#888888", linewidth=0.8, linestyle=":")
+    last = max((criteria.index(c) for c in COMPOSITES if c in criteria), default=None)
+    if last is not None:
+        ax.axhline(last + 0.5, color="#888888", linewidth=0.8, linestyle=":")
     ax.set_xlabel("pass rate (95% Wilson interval)")
     ax.set_title(f"Pass rate per criterion — {results['n_items']} test items", fontsize=11, loc="left", pad=26)
     _legend_on_top(ax, ax.get_legend_handles_labels()[0], k)
@@ -241,10 +240,10 @@ def plot_pass_rates(results: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
-def plot_categories(results: Mapping[str, Any]) -> bytes:
-    """Heatmap of the all_criteria pass rate by category (rows) and model (columns)."""
+def plot_categories(results: Mapping[str, Any], criterion: str = "content") -> bytes:
+    """Heatmap of one criterion's pass rate by category (rows) and model (columns)."""
     models, categories = results["models"], list(results["categories"])
-    grid = [[results["categories"][c]["rates"][m][ALL]["rate"] for m in models] for c in categories]
+    grid = [[results["categories"][c]["rates"][m][criterion]["rate"] for m in models] for c in categories]
     fig = Figure(figsize=(1.6 + 1.25 * len(models), 0.9 + 0.55 * len(categories)))
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
@@ -265,50 +264,39 @@ def plot_categories(results: Mapping[str, Any]) -> bytes:
         spine.set_visible(False)
     bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03, format=PercentFormatter(1.0))
     bar.ax.tick_params(labelsize=8)
-    ax.set_title("all_criteria pass rate by category", fontsize=11, loc="left", pad=24)
+    ax.set_title(f"{criterion} pass rate by category", fontsize=11, loc="left", pad=24)
     return _png(fig)
 
 
-def plot_deltas(results: Mapping[str, Any], reference: str) -> bytes | None:
-    """Forest plot: difference in pass rate vs the reference model with paired bootstrap 95%
-    intervals; filled markers are significant after BH. None without a reference or other model."""
-    models = results["models"]
-    others = [m for m in models if m != reference]
-    if reference not in models or not others:
+def plot_answers(results: Mapping[str, Any]) -> bytes | None:
+    """Forest plot of the primary family: each question's difference on format and content with
+    its 95% interval, the ±margin band shaded, the marker coloured by the answer. None when no
+    question could be evaluated."""
+    rows = [(f"{q['id']} {aspect}\n{q['a']} − {q['b']}", a) for q in results["questions"]
+            for aspect, a in q["aspects"].items()]
+    if not rows:
         return None
-    criteria = results["criteria"]
-    colours = model_colours(models)
-    k = len(others)
-    fig = Figure(figsize=(9, 0.6 + 0.2 * k * len(criteria) + 0.9))
+    margin = results["settings"]["margin"]
+    fig = Figure(figsize=(9, 1.2 + 0.55 * len(rows)))
     ax = fig.add_subplot()
-    step = 0.7 / k
-    ends = [abs(x) for c in results["comparisons"] if reference in (c["a"], c["b"]) and c["n"]
-            for x in (c["ci_low"], c["ci_high"])]
-    reach = min(1.05, max(0.25, 1.15 * max(ends, default=1.0)))  # symmetric, zoomed to the data
-    for j, m in enumerate(others):
-        for i, c in enumerate(criteria):
-            comp = find_comparison(results["comparisons"], c, m, reference)
-            if comp is None or comp["n"] == 0:
-                continue
-            y = i - 0.35 + step * (j + 0.5)
-            ax.plot([comp["ci_low"], comp["ci_high"]], [y, y], color=colours[m], linewidth=1.6, zorder=2)
-            significant = bool(comp["significant"])
-            ax.plot([comp["difference"]], [y], marker="o", markersize=6, zorder=3,
-                    color=colours[m], markerfacecolor=colours[m] if significant else "white",
-                    markeredgewidth=1.5)
+    ax.axvspan(-margin, margin, color="#e8f0fb", zorder=0, label=f"±{100 * margin:.0f} points (margin)")
+    for i, (_, a) in enumerate(rows):
+        colour = ANSWER_COLOURS[a["answer"]]
+        ax.plot([a["ci_low"], a["ci_high"]], [i, i], color=colour, linewidth=2, zorder=2)
+        ax.plot([a["difference"]], [i], marker="o", markersize=7, color=colour, zorder=3)
+        ax.text(1.02, i, a["answer"], transform=ax.get_yaxis_transform(), va="center", fontsize=9, color=colour)
     ax.axvline(0, color="#444444", linewidth=0.9, zorder=1)
-    _criterion_axis(ax, criteria)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r for r, _ in rows], fontsize=8.5)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ends = [abs(x) for _, a in rows for x in (a["ci_low"], a["ci_high"])]
+    reach = min(1.05, max(1.5 * margin, 1.15 * max(ends, default=1.0)))
     ax.set_xlim(-reach, reach)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(axis="x", color="#e3e3e3", zorder=0)
-    ax.set_xlabel(f"difference in pass rate vs {reference} (paired bootstrap 95% interval)")
-    ax.set_title(f"Change vs {reference}", fontsize=11, loc="left", pad=26)
-    handles = [Line2D([], [], color=colours[m], marker="o", linewidth=1.6, label=m) for m in others]
-    handles += [
-        Line2D([], [], color="#555555", marker="o", linestyle="none", label="significant (BH)"),
-        Line2D([], [], color="#555555", marker="o", markerfacecolor="white", linestyle="none",
-               label="not significant"),
-    ]
+    ax.set_xlabel("difference in pass rate, a − b (Newcombe 95% interval)")
+    ax.set_title("The three questions: format and content", fontsize=11, loc="left", pad=26)
+    handles = [Line2D([], [], color=c, marker="o", linewidth=2, label=k) for k, c in ANSWER_COLOURS.items()]
     _legend_on_top(ax, handles, len(handles))
     _style(ax)
     return _png(fig)
@@ -372,7 +360,96 @@ def _n_text(ns: Sequence[int]) -> str:
     return str(ns[0]) if len(set(ns)) == 1 else f"{min(ns)}–{max(ns)}"
 
 
-def headline_rows(results: Mapping[str, Any]) -> Table:
+def _diff_cell(c: Mapping[str, Any]) -> str:
+    if not c["n"]:
+        return "—"
+    return f"{signed_pct(c['difference'])} [{signed_pct(c['ci_low'])}, {signed_pct(c['ci_high'])}]"
+
+
+def answers_rows(results: Mapping[str, Any]) -> Table:
+    """One row per question and aspect: the two rates, the difference with its interval, the
+    adjusted p-value and the answer."""
+    rows, marks = [], []
+    for q in results["questions"]:
+        label = f"{q['id']} {q['title']}"
+        if not q["evaluated"]:
+            rows.append([label, f"{q['a']} vs {q['b']}", "—", "—", "—", "—", "—", "—",
+                         Cell(f"not evaluated (no {', '.join(q['missing'])})")])
+            marks.append(False)
+            continue
+        for aspect, a in q["aspects"].items():
+            rows.append([label, f"{q['a']} vs {q['b']}", aspect, str(a["n"]),
+                         f"{pct(a['rate_a'])} ({a['rate_a'] * a['n']:.0f})",
+                         f"{pct(a['rate_b'])} ({a['rate_b'] * a['n']:.0f})",
+                         f"{points(a['difference'])} [{points(a['ci_low'])}, {points(a['ci_high'])}]",
+                         pvalue(a["p_adjusted"]), Cell(a["answer"], bold=True)])
+            marks.append(a["answer"] in ("better", "worse", "equivalent"))
+    return Table(["question", "a vs b", "aspect", "n", "rate a", "rate b", "a − b, points [95% CI]", "p (BH)", "answer"],
+                 rows, numeric=[False, False, False, True, True, True, True, True, False], row_marks=marks)
+
+
+def answers_table(results: Mapping[str, Any]) -> str:
+    """The questions table as Markdown (also readable as plain text in a console)."""
+    return _md_table(answers_rows(results))
+
+
+def answers_section(results: Mapping[str, Any]) -> Section:
+    family, settings = results["primary_family"], results["settings"]
+    margin = 100 * settings["margin"]
+    test_set = results.get("test_set") or {}
+    split = {"template": "a template-disjoint split: no test item shares a template with training",
+             "item": "an item-level split: test items may share templates with training"}.get(test_set.get("split_by"), "")
+    blocks: list = [
+        Para(f"{results['n_items']} held-out test items{f' ({split})' if split else ''}, answered by every "
+             f"model. Each question compares two models on the same items, on format and on content; these "
+             f"{family['n_tests']} comparisons are the primary family, fixed before the data, with "
+             f"Benjamini-Hochberg at q = {family['q']} within it."),
+        answers_rows(results),
+    ]
+    for q in results["questions"]:
+        lines = [f"{aspect} — {a['answer']}: {a['explanation']}" for aspect, a in q["aspects"].items()]
+        if not q["evaluated"]:
+            lines.append(f"not evaluated: {', '.join(q['missing'])} not among the evaluated models")
+        lines += [f"Note: {note}" for note in q.get("notes", [])]
+        blocks += [Para(f"{q['id']} {q['title']} ({q['a']} vs {q['b']}: {q['meaning']})", kind="question"),
+                   Bullets(lines)]
+    blocks.append(Para(
+        f"How to read an answer: better / worse — the difference is significant after the correction and its "
+        f"95% interval lies on one side of 0; equivalent — not significant and the whole interval lies inside "
+        f"±{margin:.0f} points (the margin, evaluation.equivalence_margin); cannot tell — neither: the data "
+        f"do not decide, and the minimum detectable difference says how large a difference this test set "
+        f"could have shown. Not significantly worse is never evidence of no harm.", kind="note"))
+    blocks.append(Details("What format and content mean", [
+        Table(["aspect", "passes when the response …"],
+              [[a, results["definitions"][a]] for a in COMPOSITES if a in results["definitions"]])]))
+    return Section("Answers", "answers", blocks)
+
+
+def conclusions_section(results: Mapping[str, Any]) -> Section:
+    c = results["conclusions"]
+    rows = []
+    for q in c["questions"]:
+        for aspect, a in q["aspects"].items():
+            rows.append([q["id"], aspect, str(a["n"]), pct(a["mdd"]["observed"]), pct(a["mdd"]["worst_case"]),
+                         Cell("yes", bold=True) if a["underpowered"] else "no", a["answer"]])
+    blocks: list = [Bullets(list(c["statements"]))]
+    if rows:
+        blocks.append(Table(
+            ["question", "aspect", "n", "detectable (discordance seen)", "detectable (worst case)",
+             f"underpowered (> ±{100 * c['margin']:.0f})", "answer"],
+            rows, numeric=[False, False, True, True, True, False, False]))
+    blocks.append(Para(
+        f"Detectable: the difference a two-sided McNemar test at α = {c['alpha']:.3g} finds with "
+        f"{c['power']:.0%} power on these n items (Connor's approximation), at the share of items on which "
+        f"the two models disagree, and if every item disagreed.", kind="note"))
+    return Section("What this run can and cannot conclude", "conclusions", blocks)
+
+
+def plots_section(images: Sequence[Image]) -> Section:
+    return Section("Plots", "plots", list(images))
+
+
+def rates_rows(results: Mapping[str, Any]) -> Table:
     """Criteria (rows) x models (columns): 'rate [Wilson CI]', the best model per criterion bold."""
     models, rates = results["models"], results["rates"]
     rows = []
@@ -387,46 +464,34 @@ def headline_rows(results: Mapping[str, Any]) -> Table:
         cells = [
             Cell(rate_cell(s), bold=distinct and s["n"] > 0 and s["rate"] == best) for s in summaries
         ]
-        rows.append([Cell(c, bold=c == ALL), _n_text(ns), *cells])
+        rows.append([Cell(c, bold=c in COMPOSITES), _n_text(ns), *cells])
     return Table(["criterion", "n", *models], rows, numeric=[False, True] + [True] * len(models))
 
 
-def headline_table(results: Mapping[str, Any]) -> str:
-    """The models x criteria table as Markdown (also readable as plain text in a console)."""
-    return _md_table(headline_rows(results))
+def rates_table(results: Mapping[str, Any]) -> str:
+    """The models x criteria table as Markdown."""
+    return _md_table(rates_rows(results))
 
 
-def headline_section(results: Mapping[str, Any]) -> Section:
-    v = results["verdict"]
+def rates_section(results: Mapping[str, Any]) -> Section:
     definitions = results.get("definitions", {})
     blocks: list = [
-        Para(f"Verdict: {v['verdict'].upper()}", kind=f"verdict:{v['verdict']}"),
-        Para(f"Rule: {v['rule']}", kind="note"),
-        Bullets(list(v["reasons"])),
-        *([Para("For information, not part of the rule:", kind="note"), Bullets(list(v["notes"]))]
-          if v.get("notes") else []),
-        Para(
-            f"{results['n_items']} held-out test items, the same for every model. Cells: pass rate "
-            f"[95% Wilson interval] over the n items where the criterion applies; bold marks the best "
-            f"model per criterion."
-        ),
-        headline_rows(results),
+        Para("Cells: pass rate [95% Wilson interval] over the n items where the criterion applies; bold marks "
+             "the best model per criterion. base is prompted zero-shot and has never seen END: its format "
+             "rate is a floor, not a competitor."),
+        rates_rows(results),
     ]
     if definitions:
         blocks.append(Details("What the criteria mean", [
-            Table(["criterion", "passes when the response …"], [[c, definitions[c]] for c in results["criteria"] if c in definitions])
+            Table(["criterion", "passes when the response …"],
+                  [[c, definitions[c]] for c in results["criteria"] if c in definitions])
         ]))
-    return Section("Headline", "headline", blocks)
+    return Section("Pass rates", "rates", blocks)
 
 
-def plots_section(images: Sequence[Image]) -> Section:
-    return Section("Plots", "plots", list(images))
-
-
-def comparisons_section(results: Mapping[str, Any]) -> Section:
-    mt = results["multiple_testing"]
+def _comparison_rows(comparisons: Sequence[Mapping[str, Any]]) -> tuple[list[list], list[bool]]:
     rows, marks = [], []
-    for c in results["comparisons"]:
+    for c in comparisons:
         sig = bool(c["significant"])
         rows.append([
             c["criterion"],
@@ -434,7 +499,7 @@ def comparisons_section(results: Mapping[str, Any]) -> Section:
             str(c["n"]),
             pct(c["rate_a"]) if c["n"] else "—",
             pct(c["rate_b"]) if c["n"] else "—",
-            f"{signed_pct(c['difference'])} [{signed_pct(c['ci_low'])}, {signed_pct(c['ci_high'])}]" if c["n"] else "—",
+            _diff_cell(c),
             f"{c['only_a']} / {c['only_b']}",
             "exact" if c["method"] == "exact" else "χ² (cc)",
             pvalue(c["p_value"]),
@@ -443,34 +508,46 @@ def comparisons_section(results: Mapping[str, Any]) -> Section:
             Cell("✓", bold=True) if sig else "",
         ])
         marks.append(sig)
-    table = Table(
-        ["criterion", "A vs B", "n", "rate A", "rate B", "diff A−B [95% CI]", "A only / B only",
-         "McNemar", "p", "p (BH)", "Cohen's h", "sig."],
-        rows, numeric=[False, False] + [True] * 9 + [False], row_marks=marks,
-    )
-    return Section("Pairwise comparisons", "comparisons", [
-        Para(
-            f"Every pair of models on every criterion, on the items where the criterion applies to "
-            f"both. McNemar's test on the discordant items (A only / B only: items that only A, or "
-            f"only B, passes); difference with a paired bootstrap 95% interval "
-            f"({results['settings']['n_resamples']:,} resamples). Benjamini-Hochberg over all "
-            f"{mt['n_tests']} tests at q = {mt['q']}: {mt['n_significant']} significant (✓)."
-        ),
-        table,
-    ])
+    return rows, marks
 
 
-def power_section(results: Mapping[str, Any]) -> Section:
-    power = results["power"]
-    rows = [
-        [c, str(p["n"]), pct(p["mdd"]), pct(p["mdd_bonferroni"])]
-        for c, p in power["criteria"].items()
-    ]
-    return Section("Power", "power", [
-        Para(power["note"]),
-        Table(["criterion", "n (smallest pair)", f"detectable at α={power['alpha']}",
-               f"detectable at α={power['alpha']}/{power['n_tests']}"], rows,
-              numeric=[False, True, True, True]),
+COMPARISON_HEADERS = ["criterion", "A vs B", "n", "rate A", "rate B", "diff A−B [95% CI]", "A only / B only",
+                      "McNemar", "p", "p (BH)", "Cohen's h", "sig."]
+COMPARISON_NUMERIC = [False, False] + [True] * 9 + [False]
+
+
+def exploratory_section(results: Mapping[str, Any]) -> Section | None:
+    ex = results["exploratory"]
+    if not ex["comparisons"]:
+        return None
+    significant = [c for c in ex["comparisons"] if c["significant"]]
+    blocks: list = [Para(
+        f"Every other pair of models and every single criterion: {ex['n_tests']} comparisons, "
+        f"Benjamini-Hochberg at q = {ex['q']} within this family alone, so they do not dilute or borrow from "
+        f"the answers. {ex['n_significant']} significant (✓). These are leads for the next run, not findings "
+        f"of this one: the family was not chosen with a question in mind.", kind="note")]
+    if significant:
+        rows, marks = _comparison_rows(significant)
+        blocks += [Para("The significant ones:"),
+                   Table(COMPARISON_HEADERS, rows, numeric=COMPARISON_NUMERIC, row_marks=marks)]
+    rows, marks = _comparison_rows(ex["comparisons"])
+    blocks.append(Details(f"All {ex['n_tests']} exploratory comparisons", [
+        Table(COMPARISON_HEADERS, rows, numeric=COMPARISON_NUMERIC, row_marks=marks)]))
+    return Section("Exploratory comparisons (not the questions)", "exploratory", blocks)
+
+
+def in_distribution_section(results: Mapping[str, Any]) -> Section | None:
+    slice_ = results.get("in_distribution")
+    if not slice_:
+        return None
+    sub = {**results, "rates": slice_["rates"]}
+    rows = [[a["question"], f"{a['a']} vs {a['b']}", a["criterion"], str(a["n"]), _diff_cell(a),
+             pvalue(a["p_adjusted"]), a["answer"]] for a in slice_["answers"]]
+    return Section("In-distribution slice (apart)", "in-distribution", [
+        Para(f"{slice_['n_items']} items. {slice_['note']}", kind="note"),
+        Table(["question", "a vs b", "aspect", "n", "a − b [95% CI]", "p (BH, slice)", "answer"], rows,
+              numeric=[False, False, False, True, True, True, False]),
+        Details("Pass rates on the slice", [rates_rows(sub)]),
     ])
 
 
@@ -504,7 +581,7 @@ def categories_section(results: Mapping[str, Any]) -> Section:
     models = results["models"]
     rows = []
     for category, info in results["categories"].items():
-        summaries = [info["rates"][m][ALL] for m in models]
+        summaries = [info["rates"][m]["content"] for m in models]
         best = max(s["rate"] for s in summaries)
         distinct = len({s["rate"] for s in summaries}) > 1
         rows.append([category, str(info["n_items"]),
@@ -512,9 +589,9 @@ def categories_section(results: Mapping[str, Any]) -> Section:
     details = []
     for category, info in results["categories"].items():
         sub = {**results, "rates": info["rates"]}
-        details.append(Details(f"{category}: every criterion ({info['n_items']} items)", [headline_rows(sub)]))
+        details.append(Details(f"{category}: every criterion ({info['n_items']} items)", [rates_rows(sub)]))
     return Section("Per category", "categories", [
-        Para("all_criteria pass rate [95% Wilson interval] per item category. Small categories give "
+        Para("content pass rate [95% Wilson interval] per item category. Small categories give "
              "wide intervals; read them as a breakdown, not as separate findings."),
         Table(["category", "items", *models], rows, numeric=[False, True] + [True] * len(models)),
         *details,
@@ -687,10 +764,12 @@ def provenance_section(provenance: Mapping[str, Any] | None) -> Section | None:
 
 def build_sections(results, images, samples, baseline, summaries, provenance, training=None) -> list[Section]:
     sections = [
-        headline_section(results),
+        answers_section(results),
+        conclusions_section(results),
         plots_section(images),
-        comparisons_section(results),
-        power_section(results),
+        rates_section(results),
+        exploratory_section(results),
+        in_distribution_section(results),
         ifeval_section(results),
         categories_section(results),
         judge_section(results),
@@ -764,8 +843,8 @@ def _md_samples(block: Samples) -> str:
 
 def _md_block(block) -> str:
     if isinstance(block, Para):
-        if block.kind.startswith("verdict:"):
-            return f"**{_md_escape(block.text)}**"
+        if block.kind == "question":
+            return f"### {_md_escape(block.text)}"
         return f"*{_md_escape(block.text)}*" if block.kind == "note" else _md_escape(block.text)
     if isinstance(block, Bullets):
         return "\n".join(f"- {_md_escape(b)}" for b in block.items)
@@ -804,8 +883,7 @@ h2 { font-size: 20px; margin: 36px 0 10px; padding-bottom: 4px; border-bottom: 1
 nav { font-size: 13px; color: var(--muted); margin-bottom: 12px; }
 nav a { color: #0969da; text-decoration: none; margin-right: 12px; }
 p { margin: 8px 0; } .note { color: var(--muted); font-size: 13px; }
-.verdict { font-size: 20px; font-weight: 700; padding: 12px 16px; border-radius: 8px;
-           border-left: 6px solid; margin: 8px 0; }
+.question { font-size: 16px; font-weight: 600; margin: 16px 0 4px; }
 ul { margin: 6px 0 12px; padding-left: 22px; } li { margin: 2px 0; }
 .tablewrap { overflow-x: auto; margin: 10px 0; }
 table { border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums; }
@@ -881,9 +959,6 @@ def _html_samples(block: Samples) -> str:
 
 def _html_block(block) -> str:
     if isinstance(block, Para):
-        if block.kind.startswith("verdict:"):
-            bg, fg = VERDICT_STYLE.get(block.kind.split(":", 1)[1], VERDICT_STYLE["not evaluated"])
-            return f'<div class="verdict" style="background:{bg};color:{fg};border-color:{fg}">{_h(block.text)}</div>'
         cls = f' class="{block.kind}"' if block.kind else ""
         return f"<p{cls}>{_h(block.text)}</p>"
     if isinstance(block, Bullets):
@@ -925,19 +1000,17 @@ def render_html(sections: Sequence[Section], title: str, subtitle: str) -> str:
 
 
 def make_images(results: Mapping[str, Any], curves: Mapping[str, Mapping[str, Any]] | None = None) -> list[Image]:
-    images = [
-        Image("pass_rates.png", "Pass rate per criterion and model, with 95% Wilson intervals.",
-              plot_pass_rates(results)),
-    ]
+    images = []
+    answers = plot_answers(results)
+    if answers is not None:
+        images.append(Image("answers.png", "The three questions: difference a − b on format and content with "
+                            "Newcombe 95% intervals; the shaded band is the equivalence margin; colour: the answer.",
+                            answers))
+    images.append(Image("pass_rates.png", "Pass rate per criterion and model, with 95% Wilson intervals.",
+                        plot_pass_rates(results)))
     if results.get("categories"):
-        images.append(Image("categories.png", "all_criteria pass rate by item category and model.",
+        images.append(Image("categories.png", "content pass rate by item category and model.",
                             plot_categories(results)))
-    reference = results.get("verdict", {}).get("baseline") or results["models"][0]
-    deltas = plot_deltas(results, reference)
-    if deltas is not None:
-        images.append(Image("deltas.png", f"Difference in pass rate vs {reference}, paired bootstrap "
-                            "95% intervals; filled markers are significant after Benjamini-Hochberg.",
-                            deltas))
     training = plot_training_curves(curves or {})
     if training is not None:
         images.append(Image("training_curves.png", "Training curves from each training's training.json: SFT "
@@ -945,6 +1018,17 @@ def make_images(results: Mapping[str, Any], curves: Mapping[str, Mapping[str, An
                             "each DPO run's loss, reward accuracy and reward margin (TRL's logged values).",
                             training))
     return images
+
+
+def answers_summary(results: Mapping[str, Any]) -> str:
+    """'Q1 format better, content cannot tell; Q2 …' for the subtitle and the console."""
+    parts = []
+    for q in results["questions"]:
+        if q["evaluated"]:
+            parts.append(f"{q['id']} " + ", ".join(f"{aspect} {a['answer']}" for aspect, a in q["aspects"].items()))
+        else:
+            parts.append(f"{q['id']} not evaluated")
+    return "; ".join(parts)
 
 
 def write_report(
@@ -959,8 +1043,9 @@ def write_report(
     training: dict | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html and the PNG plots into out_dir; return them by name
-    ("markdown", "html", and each plot's stem: "pass_rates", "categories", "deltas",
-    "training_curves" when ``curves`` holds a training history). ``training``:
+    ("markdown", "html", and each plot's stem: "answers", "pass_rates", "categories", "training_curves"
+    when ``curves`` holds a training history). PNG files of an earlier report that this one does not
+    write are removed, so no stale plot stays beside it. ``training``:
     :func:`~cai_bootstrap.evaluation.training_summary.training_summary` of the run (budgets, DPO
     parity, pair diagnostics)."""
     out_dir = Path(out_dir)
@@ -969,8 +1054,10 @@ def write_report(
     sections = build_sections(results, images, samples, baseline, summaries, provenance, training)
     title = "cai-bootstrap evaluation report"
     subtitle = (f"{results['n_items']} held-out items · models: {', '.join(results['models'])} · "
-                f"verdict: {results['verdict']['verdict']}")
+                f"{answers_summary(results)}")
     written: dict[str, Path] = {}
+    for stale in set(out_dir.glob("*.png")) - {out_dir / image.name for image in images}:
+        stale.unlink()
     for image in images:
         written[Path(image.name).stem] = atomic_write_bytes(out_dir / image.name, image.png)
     written["markdown"] = atomic_write_text(out_dir / "report.md", render_markdown(sections, title))

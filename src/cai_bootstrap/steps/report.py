@@ -8,14 +8,26 @@ from pathlib import Path
 from ..console import console
 from ..evaluation import ifeval
 from ..evaluation.analysis import analyze, score_all, select_samples
-from ..evaluation.report import headline_table, write_report
-from ..evaluation.training_summary import training_summary
+from ..evaluation.judge import JudgeScore
+from ..evaluation.report import answers_summary, answers_table, write_report
+from ..evaluation.training_summary import budget_notes, training_summary
 from ..files import atomic_write_json, write_jsonl
 from ..run import Run, RunStateError
 from ..schemas import EvalResponse, InstructionRecord, load_jsonl
-from .common import (BASELINE, DPO_DIR, DPO_ONLY_DIR, PAIRS_REPORT, REPORT_DIR, RESPONSES_DIR, RESULTS, SCORES, SFT_DIR,
-                     TEST)
-from ..evaluation.judge import JudgeScore
+from .common import (
+    BASELINE,
+    DPO_DIR,
+    DPO_ONLY_DIR,
+    INSTRUCTIONS_REPORT,
+    PAIRS_REPORT,
+    REPORT_DIR,
+    RESPONSES_DIR,
+    RESULTS,
+    SCORES,
+    SFT_DIR,
+    TEST,
+    TEST_IN_DISTRIBUTION,
+)
 from .evaluate import EVALUATION, JUDGE
 
 N_SAMPLES = 8
@@ -56,18 +68,45 @@ def provenance(run: Run, evaluation: dict) -> dict:
         **{f"peak_rss_mb.{n}": i["memory"]["rss_peak_mb"] for n, i in evaluation.get("models", {}).items()},
         "isolation_verified": evaluation.get("isolation", {}).get("verified"),
         "prompt_format": evaluation.get("prompt_format"),
+        **{f"prompt_form.{n}": f for n, f in evaluation.get("prompt_forms", {}).items()},
     }
 
 
 def report_inputs(run: Run) -> list[str]:
-    """What the report reads: the test set and the responses of the latest evaluation (else every saved one)."""
+    """What the report reads: the test set (and the in-distribution slice, if any) and the responses
+    of the latest evaluation (else every saved one)."""
+    tests = [TEST] + ([TEST_IN_DISTRIBUTION] if run.path(TEST_IN_DISTRIBUTION).exists() else [])
     evaluated = run.steps().get("evaluate")
     if evaluated is not None:
-        return [TEST, *evaluated.get("outputs", {})]
+        return [*tests, *evaluated.get("outputs", {})]
     if not any(run.path(RESPONSES_DIR).glob("*.jsonl")):
         raise RunStateError(f"no responses to report on in {run.path(RESPONSES_DIR)}: "
                             f"run `{run.command('evaluate')}` first")
-    return [TEST, *(f"{RESPONSES_DIR}/{p.name}" for p in sorted(run.path(RESPONSES_DIR).glob("*.jsonl")))]
+    return [*tests, *(f"{RESPONSES_DIR}/{p.name}" for p in sorted(run.path(RESPONSES_DIR).glob("*.jsonl")))]
+
+
+def test_set_info(run: Run) -> dict | None:
+    """How the test set was built (from instructions_report.json): the split and its templates."""
+    path = run.path(INSTRUCTIONS_REPORT)
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    keys = ("split_by", "test_templates", "train_templates", "shared_templates", "test_template_surplus",
+            "categories_without_test", "self_instruct_seeds", "in_distribution")
+    return {k: report[k] for k in keys if k in report}
+
+
+def question_notes(run: Run, evaluation: dict) -> dict[str, list[str]]:
+    """Remarks printed under each question in the report (question id -> lines): how the compared
+    models were made, where that matters for reading the answer."""
+    notes: dict[str, list[str]] = {}
+    few_shot = evaluation.get("few_shot")
+    if few_shot and "base_fewshot" in evaluation.get("prompt_forms", {}):
+        notes.setdefault("Q1", []).append(
+            f"base_fewshot is the base model prompted with {few_shot['k']} worked examples ending in END, the "
+            f"prompt that wrote the SFT data (shots drawn per item id with seed {few_shot['seed']}); the "
+            f"zero-shot base stays in the tables as the floor.")
+    return notes
 
 
 def training_curves(run: Run) -> dict[str, dict]:
@@ -94,11 +133,16 @@ def build_report(run: Run) -> dict:
     evaluation = json.loads(run.path(EVALUATION).read_text()) if run.path(EVALUATION).exists() else {}
     names = evaluation.get("order") or [p.stem for p in sorted(run.path(RESPONSES_DIR).glob("*.jsonl"))]
     items = load_jsonl(run.path(TEST), InstructionRecord)
+    in_dist = (load_jsonl(run.path(TEST_IN_DISTRIBUTION), InstructionRecord)
+               if run.path(TEST_IN_DISTRIBUTION).exists() else [])
     responses = load_responses(run, names)
-    scores = with_judge(score_all(items, responses), run)
+    scores = with_judge(score_all([*items, *in_dist], responses), run)
     cfg = run.config.evaluation
-    results = analyze(items, scores, models=names, q=cfg.fdr_q, n_resamples=cfg.bootstrap_resamples, seed=run.config.seed)
-    results["ifeval"] = ifeval.summary(items, scores, names, ifeval.QC_STATEMENT)
+    results = analyze(items, scores, models=names, q=cfg.fdr_q, margin=cfg.equivalence_margin,
+                      question_notes=question_notes(run, evaluation), test_set=test_set_info(run),
+                      in_distribution_items=in_dist)
+    test_ids = {it.id for it in items}  # IFEval's metrics are the test set's, never the slice's
+    results["ifeval"] = ifeval.summary(items, [s for s in scores if s.id in test_ids], names, ifeval.QC_STATEMENT)
     write_jsonl(run.path(SCORES), scores)
     atomic_write_json(run.path(RESULTS), results)
     baseline = json.loads(run.path(BASELINE).read_text()) if run.path(BASELINE).exists() else None
@@ -111,7 +155,8 @@ def build_report(run: Run) -> dict:
 
 def run_report(run: Run) -> Path:
     out = build_report(run)
-    print(headline_table(out["results"]))  # plain stdout: a markdown table must not be wrapped
+    print(answers_table(out["results"]))  # plain stdout: a markdown table must not be wrapped
+    print(answers_summary(out["results"]))
     md = Path(out["paths"]["markdown"])
     console.print(f"report: {md} (and {out['paths']['html']})")
     return md
