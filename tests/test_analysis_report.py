@@ -275,17 +275,20 @@ def test_conclusions_say_what_the_run_can_and_cannot_tell(items, results):
     assert "not evidence of no difference" in text
 
 
-def test_in_distribution_slice_is_analysed_apart(items, scores):
+def test_in_distribution_slice_is_analysed_apart(tmp_path, items, scores):
     responses = make_responses(items)
     extra = [i.model_copy(update={"id": f"id-{i.id}"}) for i in items[:12]]
     extra_scores = A.score_all(extra, {m: [r.model_copy(update={"id": f"id-{r.id}"}) for r in rs[:12]]
                                        for m, rs in responses.items()})
     r = A.analyze(items, [*scores, *extra_scores], models=MODELS, in_distribution_items=extra)
     slice_ = r["in_distribution"]
-    assert slice_["n_items"] == 12 and len(slice_["answers"]) == 6
-    assert all(a["family"] == "in_distribution" for a in slice_["answers"])
+    assert slice_["n_items"] == 12
+    slice_answers = [a for q in slice_["questions"] for a in q["aspects"].values()]
+    assert len(slice_answers) == 6 and all(a["family"] == "in_distribution" for a in slice_answers)
     assert r["n_items"] == len(items)  # the slice never enters the answers
     assert r["questions"] == A.analyze(items, scores, models=MODELS)["questions"]
+    paths = R.write_report(r, out_dir=tmp_path)
+    assert "## In-distribution slice (apart)" in paths["markdown"].read_text()
 
 
 def test_results_round_trip_through_json(results):

@@ -64,15 +64,21 @@ def test_run_whole_pipeline_on_the_embedded_model(tmp_path):
     assert steps["dpo_only"]["provenance"]["parity_checked_against"] == "dpo"
 
     results = json.loads((run_dir / "eval/results.json").read_text())
-    assert results["models"] == ["base", "sft", "dpo", "dpo_only"]
+    assert results["models"] == ["base", "base_fewshot", "sft", "dpo", "dpo_only"]
     assert results["n_items"] == 10
-    assert len({(c["a"], c["b"]) for c in results["comparisons"]}) == 6
+    assert results["test_set"]["split_by"] == "template" and results["test_set"]["shared_templates"] == 0
+    # the three questions, each answered on format and on content, whatever the answers are
+    answers = {(q["id"], aspect): a["answer"] for q in results["questions"] for aspect, a in q["aspects"].items()}
+    assert set(answers) == {(q, a) for q in ("Q1", "Q2", "Q3") for a in ("format", "content")}
+    assert set(answers.values()) <= {"better", "worse", "equivalent", "cannot tell"}
+    assert len({(c["a"], c["b"]) for c in results["exploratory"]["comparisons"]}) == 10
     md = (run_dir / "report/report.md").read_text()
     html = (run_dir / "report/report.html").read_text()
     assert "data:image/png;base64," in html and "src=\"http" not in html
-    for name in ("base", "sft", "dpo", "dpo_only", "ends_with_end", "McNemar"):
+    for name in ("base_fewshot", "dpo_only", "ends_with_end", "McNemar", "What this run can and cannot conclude"):
         assert name in md, name
-    assert results["verdict"]["verdict"].upper() in md
+    for (q, aspect), answer in answers.items():
+        assert f"{aspect} — {answer}" in md
 
     # everything is skipped the second time: inputs and config unchanged
     again = CliRunner().invoke(app, args)

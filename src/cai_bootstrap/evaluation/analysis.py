@@ -393,22 +393,14 @@ def _check_models(models: Sequence[str]) -> list[str]:
 
 def _in_distribution(items: Sequence[InstructionRecord], scores: Sequence[EvalScore], models: Sequence[str],
                      *, q: float, margin: float) -> dict[str, Any]:
-    """The questions' comparisons on the in-distribution slice, BH within the slice alone."""
+    """The questions on the in-distribution slice, BH within the slice alone."""
     out = outcomes(items, scores, models)
-    keys = primary_keys(models)
-    comparisons = compare_family(out, keys, q, "in_distribution")
-    alpha = family_alpha(q, len(keys))
-    answers = []
-    for question in QUESTIONS:
-        if question.a in models and question.b in models:
-            for aspect in ASPECTS:
-                c = find_comparison(comparisons, aspect, question.a, question.b)
-                answers.append({"question": question.id, **c, **decide(c, margin=margin, alpha=alpha)})
+    comparisons = compare_family(out, primary_keys(models), q, "in_distribution")
     return {
         "n_items": len(items),
         "category_counts": dict(Counter(i.category for i in items)),
         "rates": _rates(out),
-        "answers": answers,
+        "questions": answer_questions(comparisons, models, q=q, margin=margin),
         "note": "Held-out fillers of templates that training also drew from: how the models do on the kind of "
                 "instruction they were trained on. Reported apart, BH within this slice only; not the answers.",
     }

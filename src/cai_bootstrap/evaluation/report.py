@@ -384,7 +384,8 @@ def answers_rows(results: Mapping[str, Any]) -> Table:
                          f"{points(a['difference'])} [{points(a['ci_low'])}, {points(a['ci_high'])}]",
                          pvalue(a["p_adjusted"]), Cell(a["answer"], bold=True)])
             marks.append(a["answer"] in ("better", "worse", "equivalent"))
-    return Table(["question", "a vs b", "aspect", "n", "rate a", "rate b", "a − b, points [95% CI]", "p (BH)", "answer"],
+    return Table(["question", "a vs b", "aspect", "n", "rate a", "rate b", "a − b, points [95% CI]", "p (BH)",
+                  "answer"],
                  rows, numeric=[False, False, False, True, True, True, True, True, False], row_marks=marks)
 
 
@@ -397,8 +398,9 @@ def answers_section(results: Mapping[str, Any]) -> Section:
     family, settings = results["primary_family"], results["settings"]
     margin = 100 * settings["margin"]
     test_set = results.get("test_set") or {}
-    split = {"template": "a template-disjoint split: no test item shares a template with training",
-             "item": "an item-level split: test items may share templates with training"}.get(test_set.get("split_by"), "")
+    splits = {"template": "a template-disjoint split: no test item shares a template with training",
+              "item": "an item-level split: test items may share templates with training"}
+    split = splits.get(test_set.get("split_by"), "")
     blocks: list = [
         Para(f"{results['n_items']} held-out test items{f' ({split})' if split else ''}, answered by every "
              f"model. Each question compares two models on the same items, on format and on content; these "
@@ -541,8 +543,8 @@ def in_distribution_section(results: Mapping[str, Any]) -> Section | None:
     if not slice_:
         return None
     sub = {**results, "rates": slice_["rates"]}
-    rows = [[a["question"], f"{a['a']} vs {a['b']}", a["criterion"], str(a["n"]), _diff_cell(a),
-             pvalue(a["p_adjusted"]), a["answer"]] for a in slice_["answers"]]
+    rows = [[q["id"], f"{q['a']} vs {q['b']}", aspect, str(a["n"]), _diff_cell(a), pvalue(a["p_adjusted"]),
+             a["answer"]] for q in slice_["questions"] for aspect, a in q["aspects"].items()]
     return Section("In-distribution slice (apart)", "in-distribution", [
         Para(f"{slice_['n_items']} items. {slice_['note']}", kind="note"),
         Table(["question", "a vs b", "aspect", "n", "a − b [95% CI]", "p (BH, slice)", "answer"], rows,

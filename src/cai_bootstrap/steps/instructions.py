@@ -128,7 +128,8 @@ def run_instructions(run: Run, force: bool = False) -> bool:
             held = {r.template for r in test if r.template}
             template_in_test = [r for r in train if r.source == "builtin" and r.template in held]
             train = [r for r in train if not (r.source == "builtin" and r.template in held)]
-        in_dist = in_distribution_slice(train, cfg.in_distribution_size, config.data_seed_value) if cfg.in_distribution_size else []
+        in_dist = (in_distribution_slice(train, cfg.in_distribution_size, config.data_seed_value)
+                   if cfg.in_distribution_size else [])
         sliced = {r.id for r in in_dist}
         train = [r for r in train if r.id not in sliced]
         held_out = [*test, *in_dist]
