@@ -357,6 +357,7 @@ HALF = make_item("What is half of 7?", refs=["3.5"])
     (CONTINENT, "Europe. Actually, Asia."),
     (STAR, "Yes. Actually no."),  # contradicts itself
     (STAR, "No, it is a planet."),
+    (STAR, "The sun is a star, no doubt about it."),  # no yes/no answer at all: "no doubt" is not one
     (FRANCE, "Lyon, not Paris."),
     (FRANCE, "Paris or Lyon."),
 ])
@@ -379,6 +380,8 @@ def test_factually_correct_fails_hedged_negated_and_contradicted_answers(item, t
     (STAR, "Yes, the sun is a star."),
     (STAR, "Yes it is."),
     (STAR, "I think yes."),
+    (STAR, "Well, yes."),
+    (STAR, "The sun is a star, so the answer is yes."),
     (FRANCE, "No doubt about it: the capital of France is Paris."),
     (FRANCE, "It is Paris, actually."),
 ])

@@ -168,22 +168,22 @@ def _spans(sentence: Sequence[str], key: Sequence[str]) -> list[tuple[int, int]]
 def stated_polarities(response: str) -> set[str]:
     """The yes/no answers a response gives: per sentence, a yes/no that opens it (after lead-ins
     such as "well", "I think") and is followed by a comma or ends a short sentence; if no
-    sentence opens so, every yes/no word in the text."""
+    sentence opens so, every yes/no that closes a clause ("The answer is yes."), never one that
+    goes on ("no doubt")."""
     sentences = _sentences(tokens(response))
     found = set()
     for sentence in sentences:
-        words = [t for t in sentence if t != ","]
         k = 0
-        while k < len(words) and words[k] in LEAD_INS | CORRECTIONS:
+        while k < len(sentence) and (sentence[k] in LEAD_INS | CORRECTIONS or sentence[k] == ","):
             k += 1
-        if k < len(words) and words[k] in _POLAR:
-            i = sentence.index(words[k]) if words[k] in sentence else 0
-            after = sentence[i + 1] if i + 1 < len(sentence) else None
-            if after in (None, ",") or len(words) <= POLAR_SHORT_SENTENCE:
-                found.add(_POLAR[words[k]])
+        if k < len(sentence) and sentence[k] in _POLAR:
+            after = sentence[k + 1] if k + 1 < len(sentence) else None
+            if after in (None, ",") or len(_words(sentence)) <= POLAR_SHORT_SENTENCE:
+                found.add(_POLAR[sentence[k]])
     if found:
         return found
-    return {_POLAR[t] for s in sentences for t in s if t in _POLAR}
+    return {_POLAR[t] for s in sentences for i, t in enumerate(s)
+            if t in _POLAR and (i + 1 == len(s) or s[i + 1] == ",")}
 
 
 def _polar_correct(response: str, references: Sequence[str]) -> bool:
