@@ -122,8 +122,12 @@ def test_kv_cache_by_hand(smollm2_config_folder):
     cfg = config_for(smollm2_config_folder)  # defaults: float32, evaluation batch 16, 96 new tokens
     p = plan(cfg)
     assert p["model"]["params"] == SMOLLM2_PARAMS
-    assert p["steps"]["evaluate"]["items"]["kv_cache"] == 46_080 * 16 * (INSTRUCTION_TOKENS + 96)
-    bf16 = plan(config_for(smollm2_config_folder, "model.dtype=bfloat16"))
+    # base_fewshot (a default model) gets sft-data's 3-shot prompt: 3 x (64 + 96) tokens more
+    few_shot = INSTRUCTION_TOKENS + 3 * (INSTRUCTION_TOKENS + 96)
+    assert p["steps"]["evaluate"]["items"]["kv_cache"] == 46_080 * 16 * (few_shot + 96)
+    zero = plan(config_for(smollm2_config_folder, "evaluation.models=[base, sft]"))
+    assert zero["steps"]["evaluate"]["items"]["kv_cache"] == 46_080 * 16 * (INSTRUCTION_TOKENS + 96)
+    bf16 = plan(config_for(smollm2_config_folder, "model.dtype=bfloat16", "evaluation.models=[base, sft]"))
     assert bf16["steps"]["evaluate"]["items"]["kv_cache"] == 23_040 * 16 * (INSTRUCTION_TOKENS + 96)
 
 

@@ -335,17 +335,20 @@ def plan(config: PipelineConfig, num_gpus: int = 1, strategy: str = "single", *,
             dims, wbytes, b, config.generation.batch_size, (SELF_INSTRUCT_SHOWN + 1) * INSTRUCTION_TOKENS,
             config.instructions.self_instruct_max_new_tokens, "self-instruct (a numbered list of 8 seeds)")
     sd = config.sft_data
-    steps["sft-data"] = _generation_step(
-        dims, wbytes, b, config.generation.batch_size,
-        INSTRUCTION_TOKENS + sd.few_shot * (INSTRUCTION_TOKENS + sd.max_new_tokens), sd.max_new_tokens,
-        f"base model, {sd.few_shot}-shot")
+    few_shot_prompt = INSTRUCTION_TOKENS + sd.few_shot * (INSTRUCTION_TOKENS + sd.max_new_tokens)
+    steps["sft-data"] = _generation_step(dims, wbytes, b, config.generation.batch_size, few_shot_prompt,
+                                         sd.max_new_tokens, f"base model, {sd.few_shot}-shot")
     steps["sft"] = _training_step(dims, config, "sft", num_gpus, strategy, activation_checkpointing)
     steps["pairs"] = _generation_step(dims, wbytes, b, config.generation.batch_size, INSTRUCTION_TOKENS,
                                       config.pairs.max_new_tokens, "SFT model, zero-shot")
     steps["dpo"] = _training_step(dims, config, "dpo", num_gpus, strategy, activation_checkpointing)
     ev = config.evaluation
-    steps["evaluate"] = _generation_step(dims, wbytes, b, ev.batch_size, INSTRUCTION_TOKENS, ev.max_new_tokens,
-                                         "each evaluated model, zero-shot")
+    if "base_fewshot" in ev.models:  # the longest prompts: the few-shot prompt of sft-data
+        steps["evaluate"] = _generation_step(dims, wbytes, b, ev.batch_size, few_shot_prompt, ev.max_new_tokens,
+                                             f"each evaluated model; base_fewshot {sd.few_shot}-shot")
+    else:
+        steps["evaluate"] = _generation_step(dims, wbytes, b, ev.batch_size, INSTRUCTION_TOKENS, ev.max_new_tokens,
+                                             "each evaluated model, zero-shot")
 
     peak_step = max(steps, key=lambda s: steps[s].total)
     out: dict[str, Any] = {
