@@ -57,8 +57,9 @@ QUESTIONS: tuple[Question, ...] = (
 # --------------------------------------------------------------------------------------------
 
 FORMAT_PARTS: tuple[str, ...] = ("ends_with_end", "no_rambling")
-# The item's verifiable constraints (items without constraints: not applicable). An independent
-# checker's prompt-level verdict (official IFEval, loose) takes this place when it is scored.
+# The item's verifiable instructions: IFEval's prompt-level loose verdict by Google's official checks
+# (items without instructions: not applicable). Loose, not strict: strict fails a one-line preamble
+# that every other content criterion forgives.
 CONSTRAINTS_VERDICT = "ifeval_loose"
 CONTENT_PARTS: tuple[str, ...] = (
     "proper_structure",
