@@ -274,14 +274,15 @@ FORMAL = make_item("Rewrite this sentence to sound more formal: hey whats up, ca
 PROVERB = make_item("Complete the proverb: Curiosity killed the", category="completion", refs=["cat"])
 SUMMARY = make_item("Summarize in one sentence: Bees collect nectar from flowers and turn it into honey, which "
                     "they store in their hives for the winter.", category="transformation",
-                    constraints=[{"type": "num_sentences", "n": 1}])
+                    constraints=[{"type": "length_constraints:number_sentences", "relation": "less than",
+                                  "num_sentences": 2}])
 PAST = make_item("Rewrite in the past tense: She walks to school.", category="transformation")
 PLURAL = make_item("Change this sentence to the plural: The cat sits on the mat.", category="transformation")
 QUESTION = make_item("Turn this statement into a question: The sky is blue.", category="transformation")
 LOWER = make_item("Rewrite in lowercase: THE CAT SAT", category="format")
 TRANSLATE = make_item("Translate into French: Good morning", category="transformation")
 YES_NO = make_item("Answer with yes or no: Is the sun a star?", category="constrained", refs=["yes"],
-                   constraints=[{"type": "max_words", "n": 1}])
+                   constraints=[{"type": "length_constraints:number_words", "relation": "less than", "num_words": 2}])
 MESSAGE = make_item("Respond to this message: I got a new puppy!", category="transformation")
 MARKET = make_item("Describe a busy market.", category="open")
 
