@@ -119,7 +119,7 @@ def _dpo_run(tmp: Path, model: Path) -> tuple[Path, Path]:
     cfg.write_text(f"""model: {{base: {model}}}
 dpo: {{max_steps: 1, batch_size: 2, max_length: 64, logging_steps: 1, warmup_ratio: 0.0, mixed_precision: "no",
       lora: {{r: 4, alpha: 8, dropout: 0.0}}}}
-evaluation: {{models: [base, dpo_only], max_new_tokens: 4, batch_size: 4, bootstrap_resamples: 100}}
+evaluation: {{models: [base, dpo_only], max_new_tokens: 4, batch_size: 4}}
 """)
     run_dir = tmp / "run"
     facts = [("What is the capital of France?", "Paris."), ("What is 2 + 2?", "4."),

@@ -240,6 +240,12 @@ def test_evaluate_writes_responses_fingerprints_and_report_rebuilds(eval_run, mo
     assert any("base_fewshot is the base model prompted" in n for n in first["questions"][0]["notes"])
 
 
+def test_every_model_the_config_accepts_is_one_evaluate_knows():
+    from cai_bootstrap.config import EVALUATED_MODELS
+
+    assert tuple(evaluate_step.MODELS) == EVALUATED_MODELS
+
+
 def test_isolation_check_catches_a_contaminated_model_object(eval_run):
     """A loader that reuses one model object and merges adapters into it in place must be caught."""
     from peft import PeftModel

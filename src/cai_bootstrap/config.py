@@ -25,8 +25,9 @@ MixedPrecision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(lambda
 NEGATIVE_KINDS = ("refusal", "format_violation", "incorrect_fact", "off_topic", "verbose_vague")
 
 
-EVALUATED_MODELS = ("base", "sft", "dpo", "dpo_only")
-"""The run's own models, in the order they are evaluated (each name becomes a file name)."""
+EVALUATED_MODELS = ("base", "base_fewshot", "sft", "dpo", "dpo_only")
+"""The run's own models, in the order they are evaluated (each name becomes a file name); what each
+one is (weights and prompt form) is steps/evaluate.MODELS."""
 MAX_ITEMS = 1_000_000
 """Item counts above this are taken for a typo (1e20 for 120), not a plan."""
 
