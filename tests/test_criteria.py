@@ -283,6 +283,7 @@ LOWER = make_item("Rewrite in lowercase: THE CAT SAT", category="format")
 TRANSLATE = make_item("Translate into French: Good morning", category="transformation")
 YES_NO = make_item("Answer with yes or no: Is the sun a star?", category="constrained", refs=["yes"],
                    constraints=[{"type": "length_constraints:number_words", "relation": "less than", "num_words": 2}])
+CHOICE = make_item("Which is bigger, an elephant or a mouse?", category="open")
 MESSAGE = make_item("Respond to this message: I got a new puppy!", category="transformation")
 MARKET = make_item("Describe a busy market.", category="open")
 
@@ -323,6 +324,8 @@ def test_addresses_instruction_fails_degenerate_answers(item, text):
     (QUESTION, "Is the sky blue?"),
     (LOWER, "the cat sat"),
     (YES_NO, "Yes."),
+    (YES_NO, "No."),  # wrong, but it picks an offered option: an attempt, not a fragment
+    (CHOICE, "A mouse."),
     (MESSAGE, "Congratulations on your new puppy! What is its name?"),
     (FRANCE, "The capital of France is Paris."),
     (FRANCE, "Lyon is the capital of France."),  # wrong, but an attempt: factually_correct judges it

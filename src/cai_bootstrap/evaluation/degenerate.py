@@ -6,7 +6,8 @@
 - :func:`copies_input` — the instruction's input text handed back: "Rewrite this sentence to
   sound more formal: hey whats up" answered "hey whats up", or "Here it is: hey whats up";
 - :func:`is_prompt_fragment` — a bare piece of the prompt: "Curiosity killed the" for "Complete
-  the proverb: Curiosity killed the";
+  the proverb: Curiosity killed the" (picking one of the options the instruction offers, "no" for
+  "Answer with yes or no: ...", is an answer, not a fragment);
 - :func:`restates_instruction` — a tautology that only restates the instruction's subject: "The
   baby dragon is a baby dragon who meets a stranger on a train." asked for a story about a baby
   dragon who meets a stranger on a train. Only judged where the instruction has no input text: a
@@ -32,6 +33,7 @@ INPUT_DIRECTIVE_MAX_WORDS = 12
 _CASE_TASK = re.compile(r"\b(?:lower ?case|upper ?case|capital letters|capitali[sz]e)\b", re.IGNORECASE)
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 _APOSTROPHE = re.compile(r"(?<=\w)['’](?=\w)")
+_ARTICLES = frozenset({"a", "an", "the"})
 
 
 def input_text(instruction: str) -> str | None:
@@ -79,9 +81,20 @@ def copies_input(instruction: str, response: str) -> bool:
     return _contains_run(said, source) and not (_content(response) - _content(instruction))
 
 
+def picks_option(instruction: str, response: str) -> bool:
+    """The response is one of the words the instruction offers as choices, either side of an "or"
+    ("no" for "yes or no", "A mouse." for "an elephant or a mouse"): an answer, right or wrong."""
+    words = [w for w in _folded(instruction) if w not in _ARTICLES]
+    options = {words[i + d] for i, w in enumerate(words) if w == "or" for d in (-1, 1) if 0 <= i + d < len(words)}
+    said = [w for w in _folded(response) if w not in _ARTICLES]
+    return len(said) == 1 and said[0] in options
+
+
 def is_prompt_fragment(instruction: str, response: str) -> bool:
     """The response is a run of the instruction's own words, shorter than the instruction (case
-    aside unless the task is about case)."""
+    aside unless the task is about case), and not one of the options it offers."""
+    if picks_option(instruction, response):
+        return False
     keep_case = bool(_CASE_TASK.search(instruction))
     said, prompt = _words(response, keep_case), _words(instruction, keep_case)
     return bool(said) and len(said) < len(prompt) and _contains_run(prompt, said)
@@ -89,8 +102,9 @@ def is_prompt_fragment(instruction: str, response: str) -> bool:
 
 def restates_instruction(instruction: str, response: str) -> bool:
     """The response has content words and all of them are the instruction's: it restates the
-    subject and adds nothing. Not judged (False) when the instruction has an input text."""
-    if input_text(instruction) is not None:
+    subject and adds nothing. Not judged (False) when the instruction has an input text or the
+    response picks an offered option."""
+    if input_text(instruction) is not None or picks_option(instruction, response):
         return False
     said = _content(response)
     return bool(said) and said <= _content(instruction)
