@@ -159,6 +159,25 @@ def test_a_user_test_set_with_builtin_templates_keeps_them_out_of_training(tmp_p
         run_instructions(Run(tmp_path / "run2", cfg))
 
 
+def test_test_items_like_a_few_shot_example_are_reported_for_q1(tmp_path, tiny_model_folder):
+    from cai_bootstrap.steps.report import question_notes
+
+    user_test = [InstructionRecord(id="t1", instruction="What is the capital of Italy?", category="qa",
+                                   source="user", reference_answers=["Rome"]),  # a worked example of the prompt
+                 InstructionRecord(id="t2", instruction="Name a prime number larger than one hundred.",
+                                   category="qa", source="user", reference_answers=["101"])]
+    write_jsonl(tmp_path / "test.jsonl", user_test)
+    cfg = tiny_config(tiny_model_folder, "instructions.builtin=50", f"instructions.test_file={tmp_path}/test.jsonl")
+    run = Run(tmp_path / "run", cfg)
+    run_instructions(run)
+    report = json.loads(run.path("data/instructions_report.json").read_text())
+    assert report["few_shot_near_test"] == [{"test_id": "t1", "shot": "What is the capital of Italy?", "similarity": 1.0}]
+    evaluation = {"few_shot": {"k": 3, "seed": 0}, "prompt_forms": {"base_fewshot": "few_shot"}}
+    notes = question_notes(run, evaluation, {"few_shot_near_test": report["few_shot_near_test"]})
+    assert "1 test item(s) are near-duplicates of a worked example" in notes["Q1"][1] and "t1" in notes["Q1"][1]
+    assert len(question_notes(run, evaluation, {"few_shot_near_test": []})["Q1"]) == 1
+
+
 def test_sft_data_counts_add_up(tmp_path, tiny_model_folder):
     cfg = tiny_config(tiny_model_folder, "instructions.builtin=120", "instructions.test_size=10",
                       "sft_data.max_instructions=12", "sft_data.max_new_tokens=8")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import PipelineConfig
 from ..console import console
-from ..data.dedup import deduplicate
+from ..data.dedup import deduplicate, near_duplicate_pairs
 from ..data.pool import builtin_pool
 from ..data.prompt_split import split_prompts
 from ..data.sampling import stratified_sample
@@ -21,7 +21,7 @@ from ..generation.engine import Decoding
 from ..run import Run
 from ..evaluation.ifeval import is_input_file, load_test_items
 from ..schemas import CATEGORIES, ArtifactError, InstructionRecord
-from .common import INSTRUCTIONS, INSTRUCTIONS_REPORT, PROMPT_SPLIT, TEST, TEST_IN_DISTRIBUTION
+from .common import INSTRUCTIONS, INSTRUCTIONS_REPORT, PROMPT_SPLIT, TEST, TEST_IN_DISTRIBUTION, few_shot_pool
 from .generator import Generator
 
 
@@ -84,6 +84,16 @@ def step_params(config: PipelineConfig) -> str:
 
 def _templates(records: list[InstructionRecord]) -> list[str]:
     return sorted({r.template for r in records if r.template})
+
+
+def few_shot_near(held_out: list[InstructionRecord], threshold: float) -> list[dict]:
+    """Held-out items that are near-duplicates of a worked example of the few-shot prompt (which
+    base_fewshot and sft-data see): worth knowing when reading Q1, never dropped."""
+    shots = [InstructionRecord(id=f"shot-{k}", instruction=e.instruction, category="open", source="builtin")
+             for k, e in enumerate(few_shot_pool())]
+    text = {r.id: r.instruction for r in shots}
+    return [{"test_id": b, "shot": text[a], "similarity": round(s, 3)}
+            for a, b, s in near_duplicate_pairs(shots, held_out, threshold)]
 
 
 def run_instructions(run: Run, force: bool = False) -> bool:
@@ -185,6 +195,7 @@ def run_instructions(run: Run, force: bool = False) -> bool:
             "test_templates": _templates(test),
             "in_distribution_templates": _templates(in_dist),
             "shared_templates": len(shared_templates(train, test)),
+            "few_shot_near_test": few_shot_near(held_out, cfg.dedup_threshold),
             "dropped_examples": [
                 {"id": d.record.id, "instruction": d.record.instruction, "reason": d.reason,
                  "duplicate_of": d.duplicate_of, "similarity": round(d.similarity, 3)} for d in dedup.dropped[:200]

@@ -92,11 +92,11 @@ def test_set_info(run: Run) -> dict | None:
         return None
     report = json.loads(path.read_text())
     keys = ("split_by", "test_templates", "train_templates", "shared_templates", "test_template_surplus",
-            "categories_without_test", "self_instruct_seeds", "in_distribution")
+            "categories_without_test", "self_instruct_seeds", "in_distribution", "few_shot_near_test")
     return {k: report[k] for k in keys if k in report}
 
 
-def question_notes(run: Run, evaluation: dict) -> dict[str, list[str]]:
+def question_notes(run: Run, evaluation: dict, test_set: dict | None) -> dict[str, list[str]]:
     """Remarks printed under each question in the report (question id -> lines): how the compared
     models were made, where that matters for reading the answer."""
     notes: dict[str, list[str]] = {}
@@ -106,6 +106,12 @@ def question_notes(run: Run, evaluation: dict) -> dict[str, list[str]]:
             f"base_fewshot is the base model prompted with {few_shot['k']} worked examples ending in END, the "
             f"prompt that wrote the SFT data (shots drawn per item id with seed {few_shot['seed']}); the "
             f"zero-shot base stays in the tables as the floor.")
+        near = (test_set or {}).get("few_shot_near_test")
+        if near:
+            notes["Q1"].append(
+                f"{len({n['test_id'] for n in near})} test item(s) are near-duplicates of a worked example of "
+                f"that prompt ({', '.join(sorted({n['test_id'] for n in near})[:5])}): base_fewshot may see "
+                f"their answer in its prompt.")
     return notes
 
 
@@ -138,8 +144,9 @@ def build_report(run: Run) -> dict:
     responses = load_responses(run, names)
     scores = with_judge(score_all([*items, *in_dist], responses), run)
     cfg = run.config.evaluation
+    test_set = test_set_info(run)
     results = analyze(items, scores, models=names, q=cfg.fdr_q, margin=cfg.equivalence_margin,
-                      question_notes=question_notes(run, evaluation), test_set=test_set_info(run),
+                      question_notes=question_notes(run, evaluation, test_set), test_set=test_set,
                       in_distribution_items=in_dist)
     test_ids = {it.id for it in items}  # IFEval's metrics are the test set's, never the slice's
     results["ifeval"] = ifeval.summary(items, [s for s in scores if s.id in test_ids], names, ifeval.QC_STATEMENT)
