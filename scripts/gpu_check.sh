@@ -84,7 +84,7 @@ fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 config=configs/quick.yaml
 small=(--set instructions.builtin=300 --set instructions.self_instruct_rounds=2 --set instructions.test_size=32
-       --set sft_data.max_instructions=96 --set evaluation.bootstrap_resamples=1000
+       --set sft_data.max_instructions=96
        --set sft.mixed_precision=bf16 --set dpo.mixed_precision=bf16)
 cli=("$py" -m cai_bootstrap.cli)
 rm -rf "$out"

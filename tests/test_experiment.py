@@ -31,7 +31,7 @@ TINY = [
     "sft.epochs=1", "sft.batch_size=4", "sft.lora.r=4", "sft.eval_share=0", "sft.learning_rate=0.01",
     "sft.warmup_ratio=0", "pairs.max_new_tokens=4",
     "dpo.max_steps=1", "dpo.batch_size=4", "dpo.lora.r=4", "dpo.learning_rate=0.01", "dpo.warmup_ratio=0",
-    "evaluation.max_new_tokens=4", "evaluation.batch_size=16", "evaluation.bootstrap_resamples=200",
+    "evaluation.max_new_tokens=4", "evaluation.batch_size=16",
 ]
 
 

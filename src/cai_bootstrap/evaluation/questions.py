@@ -115,6 +115,19 @@ def points(x: float) -> str:
     return f"{100 * x:+.1f}" if round(100 * x, 1) != 0 else "0.0"
 
 
+def classify(*, n: int, significant: bool | None, ci_low: float, ci_high: float, margin: float) -> str:
+    """The answer rule alone (see the module docstring): better / worse / equivalent / cannot tell."""
+    if n == 0:
+        return "cannot tell"
+    if significant and ci_low > 0:
+        return "better"
+    if significant and ci_high < 0:
+        return "worse"
+    if -margin < ci_low and ci_high < margin:
+        return "equivalent"
+    return "cannot tell"
+
+
 def decide(c: Mapping[str, Any], *, margin: float, alpha: float) -> dict[str, Any]:
     """The answer for one comparison ``c`` (a results comparison: n, rate_a, rate_b, difference,
     ci_low, ci_high, discordant_rate, p_adjusted, significant), oriented a - b.
@@ -134,17 +147,17 @@ def decide(c: Mapping[str, Any], *, margin: float, alpha: float) -> dict[str, An
     p = c.get("p_adjusted")
     p_text = f"p_BH = {p:.3g}" if p is not None else "no test"
     inside = -margin < low and high < margin
+    answer = classify(n=n, significant=c.get("significant"), ci_low=low, ci_high=high, margin=margin)
     if n == 0:
-        answer, why = "cannot tell", "no item where both models could be judged"
-    elif c.get("significant") and low > 0:
-        answer, why = "better", f"{interval}; {p_text}"
-    elif c.get("significant") and high < 0:
-        answer, why = "worse", f"{interval}; {p_text}"
-    elif inside:
-        answer, why = "equivalent", f"{interval} lies inside ±{100 * margin:.0f}; {p_text}"
+        why = "no item where both models could be judged"
+    elif answer in ("better", "worse"):
+        why = f"{interval}; {p_text}"
+    elif answer == "equivalent":
+        why = f"{interval} lies inside ±{100 * margin:.0f}; {p_text}"
     else:
-        answer = "cannot tell"
-        why = (f"{interval} is not significant ({p_text}) and reaches beyond ±{100 * margin:.0f}; "
+        test = ("not significant" if not c.get("significant")
+                else "significant in McNemar's test, but the interval includes 0")
+        why = (f"{interval} is {test} ({p_text}) and reaches beyond ±{100 * margin:.0f}; "
                f"with {n} items and the discordance seen ({100 * c.get('discordant_rate', 1.0):.0f}% of items), "
                f"a difference of {100 * mdd['observed']:.0f} points would be detected with {POWER:.0%} power "
                f"at α = {alpha:.3g}, smaller ones often not")

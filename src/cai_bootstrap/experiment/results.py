@@ -19,6 +19,7 @@ from typing import Any
 
 from ..evaluation.analysis import outcomes
 from ..evaluation.pooling import PooledComparison, Stratum, pool
+from ..evaluation.questions import ASPECTS, DEFAULT_MARGIN, QUESTIONS, classify
 from ..evaluation.statistics import benjamini_hochberg, compare_pair
 from ..files import atomic_write_json
 from ..schemas import EvalScore, InstructionRecord, load_jsonl
@@ -27,18 +28,8 @@ from ..steps.common import RESULTS, SCORES, TEST
 RESULTS_SCHEMA = "cai-bootstrap/experiment-results/v1"
 CONFIDENCE = 0.95
 
-# The research questions and the two aspects (as evaluation/questions.py defines them for one run).
-QUESTIONS: tuple[tuple[str, str, str, str], ...] = (
-    ("Q1", "Does SFT teach more than prompting?", "sft", "base"),
-    ("Q2", "Does DPO add to SFT?", "dpo", "sft"),
-    ("Q3", "Does SFT first beat DPO alone?", "dpo", "dpo_only"),
-)
-ASPECTS: dict[str, tuple[str, ...]] = {
-    "format": ("ends_with_end", "no_rambling"),
-    "content": ("proper_structure", "addresses_instruction", "appropriate_length", "no_unwarranted_refusal",
-                "factually_correct", "coherent", "on_topic", "ifeval_loose"),
-}
-MARGIN = 0.10
+# The research questions and the two aspects are one run's (evaluation/questions.py).
+MARGIN = DEFAULT_MARGIN
 TRAINED = ("sft", "dpo", "dpo_only")  # compared round against round
 
 
@@ -55,12 +46,10 @@ class RunOutcomes:
         items = load_jsonl(run_dir / TEST, InstructionRecord)
         scores = load_jsonl(run_dir / SCORES, EvalScore, ("model", "id"))
         self.models = list(dict.fromkeys(s.model for s in scores))
-        per_criterion = outcomes(items, scores, self.models)
+        per_criterion = outcomes(items, scores, self.models)  # the aspects' composites included
         self.keys = [item_key(it) for it in items]
         self.aspects: dict[str, dict[str, list[bool | None]]] = {
-            m: {aspect: [_composite(per_criterion[m], parts, i) for i in range(len(items))]
-                for aspect, parts in ASPECTS.items()}
-            for m in self.models
+            m: {aspect: per_criterion[m][aspect] for aspect in ASPECTS} for m in self.models
         }
 
     def stratum(self, label: str, a: str, b: str, aspect: str, other: RunOutcomes | None = None) -> Stratum:
@@ -72,23 +61,10 @@ class RunOutcomes:
         return Stratum(label, keys, [a_by_key[k] for k in keys], [b_by_key[k] for k in keys])
 
 
-def _composite(by_criterion: Mapping[str, list], parts: Sequence[str], i: int) -> bool | None:
-    values = [by_criterion[p][i] for p in parts if by_criterion[p][i] is not None]
-    return all(values) if values else None
-
-
 def answer(c: Mapping[str, Any], margin: float = MARGIN) -> str:
-    """better / worse (significant after BH, interval on that side of 0), equivalent (interval inside
-    ±margin), or cannot tell: the rule of one run's questions, applied to the pooled comparison."""
-    if c["n_pairs"] == 0:
-        return "cannot tell"
-    if c["significant"] and c["ci_low"] > 0:
-        return "better"
-    if c["significant"] and c["ci_high"] < 0:
-        return "worse"
-    if -margin < c["ci_low"] and c["ci_high"] < margin:
-        return "equivalent"
-    return "cannot tell"
+    """The rule of one run's questions (``questions.classify``) applied to the pooled comparison."""
+    return classify(n=c["n_pairs"], significant=c["significant"], ci_low=c["ci_low"], ci_high=c["ci_high"],
+                    margin=margin)
 
 
 def _pooled_dict(p: PooledComparison) -> dict[str, Any]:
@@ -103,8 +79,8 @@ def _pooled_dict(p: PooledComparison) -> dict[str, Any]:
     }
 
 
-def _per_seed(stratum: Stratum, n_resamples: int, seed: int) -> dict[str, Any]:
-    c = compare_pair(list(stratum.a), list(stratum.b), seed=seed, n_resamples=n_resamples, confidence=CONFIDENCE)
+def _per_seed(stratum: Stratum) -> dict[str, Any]:
+    c = compare_pair(list(stratum.a), list(stratum.b), confidence=CONFIDENCE)
     return {"label": stratum.label, "n": c.n, "rate_a": c.rate_a, "rate_b": c.rate_b, "difference": c.difference,
             "ci_low": c.ci_low, "ci_high": c.ci_high, "p_value": c.mcnemar.p_value,
             "only_a": c.mcnemar.b_only_a, "only_b": c.mcnemar.b_only_b}
@@ -118,8 +94,8 @@ def _family(comparisons: list[dict[str, Any]], q: float, margin: float) -> None:
         c["answer"] = answer(c["pooled"], margin)
 
 
-def analyze_runs(runs: Mapping[int, Mapping[int, RunOutcomes]], *, q: float = 0.05, margin: float = MARGIN,
-                 n_resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+def analyze_runs(runs: Mapping[int, Mapping[int, RunOutcomes]], *, q: float = 0.05,
+                 margin: float = MARGIN) -> dict[str, Any]:
     """``runs``: round -> training seed -> the run's outcomes (finished runs only)."""
     rounds_out = []
     for r in sorted(runs):
@@ -127,13 +103,14 @@ def analyze_runs(runs: Mapping[int, Mapping[int, RunOutcomes]], *, q: float = 0.
         seeds = sorted(by_seed)
         models = [m for m in by_seed[seeds[0]].models if all(m in by_seed[s].models for s in seeds)]
         family = []
-        for qid, title, a, b in QUESTIONS:
+        for question in QUESTIONS:
+            a, b = question.a, question.b
             if a not in models or b not in models:
                 continue
             for aspect in ASPECTS:
                 strata = [by_seed[s].stratum(f"seed {s}", a, b, aspect) for s in seeds]
-                family.append({"id": qid, "title": title, "a": a, "b": b, "aspect": aspect,
-                               "per_seed": [_per_seed(st, n_resamples, seed) for st in strata],
+                family.append({"id": question.id, "title": question.title, "a": a, "b": b, "aspect": aspect,
+                               "per_seed": [_per_seed(st) for st in strata],
                                "pooled": _pooled_dict(pool(strata, confidence=CONFIDENCE))})
         _family(family, q, margin)
         rates = {m: {aspect: {str(s): _rate(by_seed[s].aspects[m][aspect]) for s in seeds} for aspect in ASPECTS}
@@ -149,13 +126,13 @@ def analyze_runs(runs: Mapping[int, Mapping[int, RunOutcomes]], *, q: float = 0.
             for aspect in ASPECTS:
                 strata = [runs[r][s].stratum(f"seed {s}", m, m, aspect, other=runs[r - 1][s]) for s in seeds]
                 across.append({"model": m, "aspect": aspect, "a": f"{m} (round {r})", "b": f"{m} (round {r - 1})",
-                               "round": r, "per_seed": [_per_seed(st, n_resamples, seed) for st in strata],
+                               "round": r, "per_seed": [_per_seed(st) for st in strata],
                                "pooled": _pooled_dict(pool(strata, confidence=CONFIDENCE))})
     if across:
         _family(across, q, margin)
     return {
         "schema": RESULTS_SCHEMA,
-        "settings": {"q": q, "margin": margin, "confidence": CONFIDENCE, "n_resamples": n_resamples, "seed": seed,
+        "settings": {"q": q, "margin": margin, "confidence": CONFIDENCE,
                      "aspects": {k: list(v) for k, v in ASPECTS.items()},
                      "pooled_test": "exact sign-flip test over items (each item's pairs across seeds a cluster); "
                                     "exact McNemar on the pooled discordant pairs when no item repeats",
@@ -192,8 +169,7 @@ def write_experiment_report(out: Path, state: Mapping[str, Any]) -> dict[str, Pa
     runs = load_finished(out, state)
     if not runs:
         raise ValueError(f"{out}: no finished run with scores to report on")
-    results = analyze_runs(runs, q=config.evaluation.fdr_q, n_resamples=config.evaluation.bootstrap_resamples,
-                           seed=config.seed)
+    results = analyze_runs(runs, q=config.evaluation.fdr_q, margin=config.evaluation.equivalence_margin)
     results["experiment"] = {"settings": state["settings"], "seeds": state["seeds"], "rounds": state["rounds"],
                              "runs": {n: {k: r.get(k) for k in ("status", "round", "seed", "data_seed", "dir",
                                                                    "duration_s", "adopted")}
