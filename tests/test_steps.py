@@ -176,6 +176,18 @@ def test_test_items_like_a_few_shot_example_are_reported_for_q1(tmp_path, tiny_m
     notes = question_notes(run, evaluation, {"few_shot_near_test": report["few_shot_near_test"]})
     assert "1 test item(s) are near-duplicates of a worked example" in notes["Q1"][1] and "t1" in notes["Q1"][1]
     assert len(question_notes(run, evaluation, {"few_shot_near_test": []})["Q1"]) == 1
+    # the training budgets go under Q2 and Q3 (evaluation.training_summary.budget_notes)
+    from cai_bootstrap.evaluation.training_summary import budget_notes, training_summary
+
+    sft = {"examples": {"train": 106}, "hyperparameters": {"epochs": 2.0, "max_steps": None, "total_steps": 28},
+           "tokens": {"tokens": 21000, "supervised_tokens": 4300}}
+    dpo = {"pairs_used": 85, "steps": 22, "pairs_seen": 170, "tokens_seen": 40000, "learning_rate": 5e-4,
+           "trainer_args": {"num_train_epochs": 2.0, "max_steps": -1},
+           "parity": {"checked_against": None, "same": ["steps"], "declared_differences": []}}
+    training = training_summary({"sft": sft, "dpo": {**dpo, "init": "sft"}, "dpo_only": {**dpo, "init": "base"}}, None)
+    with_budgets = question_notes(run, evaluation, None, training)
+    assert set(budget_notes(training)) == {"Q2", "Q3"}
+    assert with_budgets == {"Q1": notes["Q1"][:1], **budget_notes(training)}
 
 
 def test_sft_data_counts_add_up(tmp_path, tiny_model_folder):

@@ -96,9 +96,11 @@ def test_set_info(run: Run) -> dict | None:
     return {k: report[k] for k in keys if k in report}
 
 
-def question_notes(run: Run, evaluation: dict, test_set: dict | None) -> dict[str, list[str]]:
+def question_notes(run: Run, evaluation: dict, test_set: dict | None,
+                   training: dict | None = None) -> dict[str, list[str]]:
     """Remarks printed under each question in the report (question id -> lines): how the compared
-    models were made, where that matters for reading the answer."""
+    models were made, where that matters for reading the answer (the few-shot prompt of Q1, the
+    training budgets of Q2 and Q3)."""
     notes: dict[str, list[str]] = {}
     few_shot = evaluation.get("few_shot")
     if few_shot and "base_fewshot" in evaluation.get("prompt_forms", {}):
@@ -112,6 +114,8 @@ def question_notes(run: Run, evaluation: dict, test_set: dict | None) -> dict[st
                 f"{len({n['test_id'] for n in near})} test item(s) are near-duplicates of a worked example of "
                 f"that prompt ({', '.join(sorted({n['test_id'] for n in near})[:5])}): base_fewshot may see "
                 f"their answer in its prompt.")
+    for question, lines in (budget_notes(training) if training else {}).items():
+        notes.setdefault(question, []).extend(lines)
     return notes
 
 
@@ -145,18 +149,19 @@ def build_report(run: Run) -> dict:
     scores = with_judge(score_all([*items, *in_dist], responses), run)
     cfg = run.config.evaluation
     test_set = test_set_info(run)
+    curves = training_curves(run)
+    training = training_facts(run, curves)
     results = analyze(items, scores, models=names, q=cfg.fdr_q, margin=cfg.equivalence_margin,
-                      question_notes=question_notes(run, evaluation, test_set), test_set=test_set,
+                      question_notes=question_notes(run, evaluation, test_set, training), test_set=test_set,
                       in_distribution_items=in_dist)
     test_ids = {it.id for it in items}  # IFEval's metrics are the test set's, never the slice's
     results["ifeval"] = ifeval.summary(items, [s for s in scores if s.id in test_ids], names, ifeval.QC_STATEMENT)
     write_jsonl(run.path(SCORES), scores)
     atomic_write_json(run.path(RESULTS), results)
     baseline = json.loads(run.path(BASELINE).read_text()) if run.path(BASELINE).exists() else None
-    curves = training_curves(run)
     paths = write_report(results, out_dir=run.path(REPORT_DIR), samples=select_samples(items, responses, n=N_SAMPLES, seed=run.config.seed),
                          baseline=baseline, summaries=step_summaries(run), provenance=provenance(run, evaluation),
-                         curves=curves, training=training_facts(run, curves))
+                         curves=curves, training=training)
     return {"results": results, "paths": paths}
 
 
