@@ -177,7 +177,7 @@ CASES = [
                                                 "--set", "evaluation.models=[base, nosuch]"],
          "evaluation.models: unknown model(s) ['nosuch']"),
     Case("evaluate-model-nosuch", lambda t: ["evaluate", _cfg(t), "--run-dir", str(t / "run"), "--model", "nosuch"],
-         "--model nosuch: not among the models this config evaluates (base, sft, dpo, dpo_only)"),
+         "--model nosuch: not among the models this config evaluates (base, base_fewshot, sft, dpo, dpo_only)"),
     Case("until-nosuch", lambda t: ["run", _cfg(t), "--run-dir", str(t / "run"), "--until", "nosuch"],
          "--until nosuch: not a step"),
     Case("train-file-is-a-directory", lambda t: ["instructions", _cfg(t, f"instructions: {{train_file: {t}}}\n"),
