@@ -1,7 +1,7 @@
 """The CPU backend: this project's own speed code, used on a CPU and nowhere else.
 
 On a 2-core CPU the libraries' generic paths leave a lot on the table, so the project carries its
-own code for it (README, Performance):
+own code for it (docs/performance.md):
 
 * LoRA layers as one autograd node (``training/fused_lora.py``) and LoRA dropout masks drawn from
   PCG64 as geometric gaps (``training/lora_dropout.py``): SFT and DPO;
