@@ -78,6 +78,19 @@ def test_cannot_tell_says_what_could_have_been_detected():
     assert "not significant" in a["explanation"]  # never presented as "no difference"
 
 
+def test_few_discordant_items_do_not_make_a_question_powered():
+    # 40 items, 1 vs 0 discordant (the demo's Q2 format): at 2.5% discordance the detectable
+    # difference is below the margin, but the interval reaches beyond it: the data cannot tell,
+    # so the question is not reported as powered.
+    c = comparison(only_a=1, only_b=0, both=39, neither=0)
+    a = Q.decide(c, margin=0.10, alpha=0.05 / 6)
+    assert a["mdd"]["observed"] < 0.10 and c["ci_high"] > 0.10
+    assert a["answer"] == "cannot tell" and a["underpowered"]
+    # ten times the items, the same share of disagreements: equivalent, and powered
+    big = Q.decide(comparison(only_a=6, only_b=4, both=390, neither=0), margin=0.10, alpha=0.05 / 6)
+    assert big["answer"] == "equivalent" and not big["underpowered"]
+
+
 def test_cannot_tell_notes_non_inferiority_when_the_interval_rules_out_harm():
     # 400 items, ahead by 2.5 points, not significant; the interval (about -0.4 to +5.4 points)
     # reaches beyond +5 but not below -5: not worse by more than a 5-point margin.

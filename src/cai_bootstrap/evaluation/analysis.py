@@ -333,8 +333,15 @@ def conclusions(questions: Sequence[dict], n_items: int, *, q: float, margin: fl
     for question in per_question:
         for aspect, a in question["aspects"].items():
             mdd = a["mdd"]
-            state = (f"underpowered for the ±{100 * margin:.0f} margin: a real difference of that size would "
-                     f"often go unseen" if a["underpowered"] else f"powered for the ±{100 * margin:.0f} margin")
+            if mdd["observed"] > margin:
+                state = (f"underpowered for the ±{100 * margin:.0f} margin: a real difference of that size "
+                         f"would often go unseen")
+            elif a["underpowered"]:
+                state = (f"underpowered for the ±{100 * margin:.0f} margin all the same: that estimate rests on "
+                         f"the few items the two models disagree on, and the 95% interval reaches beyond "
+                         f"±{100 * margin:.0f}, so neither a difference nor equivalence of that size was shown")
+            else:
+                state = f"powered for the ±{100 * margin:.0f} margin"
             statements.append(
                 f"{question['id']} {aspect}: {a['n']} items; detectable difference {100 * mdd['observed']:.0f} "
                 f"points at the discordance seen ({100 * mdd['worst_case']:.0f} in the worst case); {state}.")

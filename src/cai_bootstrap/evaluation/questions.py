@@ -135,7 +135,10 @@ def decide(c: Mapping[str, Any], *, margin: float, alpha: float) -> dict[str, An
     ``alpha`` is the level the minimum detectable difference is quoted at (the family's
     Bonferroni level q/m: what a lone effect must reach under BH). Returns ``answer``,
     ``explanation``, ``mdd`` (observed and worst case), ``underpowered`` (the difference the
-    data can detect is larger than the margin) and ``non_inferior`` (the interval rules out
+    data can detect is larger than the margin, or the answer is "cannot tell": with few discordant
+    items the detectable difference at the discordance seen is an optimistic estimate, while the
+    interval, which the answer rests on, reaches beyond the margin) and
+    ``non_inferior`` (the interval rules out
     being worse by more than the margin).
     """
     if not 0.0 < margin < 1.0:
@@ -173,7 +176,7 @@ def decide(c: Mapping[str, Any], *, margin: float, alpha: float) -> dict[str, An
         "margin": margin,
         "mdd": mdd,
         "mdd_alpha": alpha,
-        "underpowered": mdd["observed"] > margin,
+        "underpowered": mdd["observed"] > margin or answer == "cannot tell",
         "non_inferior": n > 0 and low > -margin,
     }
 
