@@ -305,3 +305,18 @@ def test_more_builtin_instructions_than_the_pool_is_said(tmp_path, monkeypatch):
     result = runner.invoke(app, ["instructions", cfg, "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "instructions.builtin is 500, the built-in pool has 30: using all 30" in result.output
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C is one line that says the finished steps are kept and how to resume, exit status 130
+    (the shell's for SIGINT), not click's bare "Aborted!"."""
+    from cai_bootstrap import run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module.Run, "open_existing", interrupted)
+    result = runner.invoke(app, ["status", str(tmp_path)])
+    assert result.exit_code == 130, result.output
+    line = error_line(result.output)
+    assert "interrupted" in line and "run the same command again to resume" in line

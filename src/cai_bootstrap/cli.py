@@ -46,6 +46,12 @@ class GuardedGroup(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except KeyboardInterrupt:
+            # the step in progress stays recorded as running (`status` shows it interrupted); its
+            # outputs are written atomically, so the same command resumes from the finished steps
+            fail("interrupted: finished steps are kept, the step in progress was not recorded as done; "
+                 "run the same command again to resume (`cai-bootstrap status RUN_DIR` shows where it stopped)",
+                 code=130)
         except Exception as e:
             if ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
                 raise
