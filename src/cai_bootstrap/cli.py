@@ -7,6 +7,7 @@ shows the traceback instead (docs/errors.md).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -82,6 +83,9 @@ def _quiet_libraries(
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # On AVX-512 BF16 CPUs bitsandbytes looks for a 4-bit kernel on the hub (package `kernels`) and
+    # warns when it cannot; there is no hub here, and its own torch fallback is what runs anyway.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def fail(message: str, code: int = 1) -> None:
