@@ -273,6 +273,17 @@ def test_conclusions_say_what_the_run_can_and_cannot_tell(items, results):
     text = " ".join(c["statements"])
     assert "template-disjoint" in text and "2 template(s)" in text
     assert "not evidence of no difference" in text
+    assert "partly a gain on the checks that selected their data" in text
+
+
+def test_the_checks_that_selected_the_training_data_are_named_truly():
+    """Every content part said to have chosen the training data is a content part, and its QC check
+    is one sft-data and the pairs really apply."""
+    from cai_bootstrap.data.sft_quality import QC_REASONS
+    from cai_bootstrap.evaluation.questions import CONTENT_PARTS, SELECTED_ON
+
+    assert set(SELECTED_ON) <= set(CONTENT_PARTS)
+    assert set(SELECTED_ON.values()) <= set(QC_REASONS)
 
 
 def test_in_distribution_slice_is_analysed_apart(tmp_path, items, scores):

@@ -39,6 +39,7 @@ from .questions import (
     DEFAULT_MARGIN,
     POWER,
     QUESTIONS,
+    SELECTED_ON,
     composite,
     decide,
     family_alpha,
@@ -325,6 +326,13 @@ def conclusions(questions: Sequence[dict], n_items: int, *, q: float, margin: fl
                 f"The test items were drawn item by item: {test_set.get('shared_templates', 'some')} template(s) "
                 f"have items on both sides, so the answers are about new fillers of trained instructions "
                 f"(in-distribution), not new kinds of instructions.")
+    statements.append(
+        "Part of the content composite also chose the training data: sft-data kept, and pairs took as chosen, "
+        "only responses that passed the same kinds of check ("
+        + ", ".join(f"{part} ~ QC {reason}" for part, reason in SELECTED_ON.items())
+        + "). A content gain of sft or dpo is partly a gain on the checks that selected their data; the test "
+          "items are held out, so it is not memorised answers, but no judge independent of these checks "
+          "scores this run.")
     statements.append(
         f"Primary family: {m} comparison(s) (3 questions x format and content), fixed before the data, "
         f"Benjamini-Hochberg at q = {q} within it. A difference is quoted as detectable when a two-sided "

@@ -72,6 +72,16 @@ CONTENT_PARTS: tuple[str, ...] = (
     CONSTRAINTS_VERDICT,
 )
 ASPECTS: dict[str, tuple[str, ...]] = {"format": FORMAT_PARTS, "content": CONTENT_PARTS}
+# Content parts whose kind of check also chose the training data: sft-data kept, and pairs took as
+# chosen, only responses that passed these QC checks (data/sft_quality.QC_REASONS). The report says so:
+# a content gain is partly a gain on the checks that selected the data.
+SELECTED_ON: dict[str, str] = {
+    "addresses_instruction": "copies_instruction",
+    "no_unwarranted_refusal": "refusal",
+    "factually_correct": "incorrect_answer",
+    "coherent": "incoherent",
+    CONSTRAINTS_VERDICT: "constraint_failed",
+}
 ASPECT_DEFINITIONS: dict[str, str] = {
     "format": "closes the answer with END and does not run on into a new turn or the token limit "
               f"(all of {', '.join(FORMAT_PARTS)})",
