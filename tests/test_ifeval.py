@@ -313,3 +313,12 @@ def test_four_metrics_known_answer():
     assert (m["inst_level_strict"]["k"], m["inst_level_strict"]["n"]) == (2, 4)
     assert (m["inst_level_loose"]["k"], m["inst_level_loose"]["n"]) == (3, 4)
     assert m["per_instruction"] == {a: {"n": 2, "strict": 1.0, "loose": 1.0}, b: {"n": 2, "strict": 0.0, "loose": 0.5}}
+
+
+def test_readme_lists_exactly_the_supported_ids():
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## IFEval", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([a-z_]+:[a-z_]+)`", section))
+    assert listed == set(official_ifeval.instruction_ids())
