@@ -286,6 +286,7 @@ YES_NO = make_item("Answer with yes or no: Is the sun a star?", category="constr
 CHOICE = make_item("Which is bigger, an elephant or a mouse?", category="open")
 MESSAGE = make_item("Respond to this message: I got a new puppy!", category="transformation")
 MARKET = make_item("Describe a busy market.", category="open")
+ELEVATOR = make_item("Explain how an elevator works.", category="open")
 
 
 @pytest.mark.parametrize("item, text", [
@@ -307,6 +308,8 @@ MARKET = make_item("Describe a busy market.", category="open")
     (MESSAGE, "I got a new puppy!"),
     (FRANCE, "The capital of France."),  # restates the question, no answer
     (MARKET, "A busy market."),
+    (ELEVATOR, "The elevator is a type of elevator that moves up aais."),  # circular (the demo's sft)
+    (ELEVATOR, "An elevator is a kind of elevator."),
 ])
 def test_addresses_instruction_fails_degenerate_answers(item, text):
     assert C.addresses_instruction(item, make_response(f" {text}\nEND", item)) is False
@@ -330,6 +333,9 @@ def test_addresses_instruction_fails_degenerate_answers(item, text):
     (FRANCE, "The capital of France is Paris."),
     (FRANCE, "Lyon is the capital of France."),  # wrong, but an attempt: factually_correct judges it
     (MARKET, "The busy market is full of people buying fruit and bread."),
+    (ELEVATOR, "An elevator is a kind of lift: a motor pulls its car up and down a shaft on steel cables."),
+    (ELEVATOR, "The elevator is a type of elevator. A motor pulls the car up and down a shaft on steel "
+               "cables, and a counterweight balances it."),  # a weak start, then an explanation
 ])
 def test_addresses_instruction_keeps_passing_good_answers(item, text):
     assert C.addresses_instruction(item, make_response(f" {text}\nEND", item)) is True

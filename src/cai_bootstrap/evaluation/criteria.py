@@ -90,8 +90,9 @@ def addresses_instruction(item: InstructionRecord, r: EvalResponse) -> bool:
 
     Fails when empty, a refusal, or a copy of the instruction. Passes when a reference answer is
     matched (a wrong answer is still an attempt; factually_correct judges it). Fails a copy or
-    near-copy of the instruction's input text, a bare fragment of the prompt, and (without an
-    input text) a tautology that only restates the instruction's words (``degenerate``).
+    near-copy of the instruction's input text, a bare fragment of the prompt, (without an input
+    text) a tautology that only restates the instruction's words, and a one-sentence circular
+    definition ("The elevator is a type of elevator ...") (``degenerate``).
     Otherwise passes when any of: the item's constraints pass loosely; a completion item's
     response adds a word the instruction lacks (it continues the sentence); topic overlap is at
     least TOPIC_OVERLAP_MIN; the instruction has at most FEW_TOPIC_WORDS topic words and the
@@ -103,7 +104,7 @@ def addresses_instruction(item: InstructionRecord, r: EvalResponse) -> bool:
     if _references_matched(item, r):
         return True
     if (degenerate.copies_input(item.instruction, text) or degenerate.is_prompt_fragment(item.instruction, text)
-            or degenerate.restates_instruction(item.instruction, text)):
+            or degenerate.restates_instruction(item.instruction, text) or degenerate.defines_by_itself(text)):
         return False
     if item.constraints and constraints.check_all(item.constraints, text)[1]:
         return True

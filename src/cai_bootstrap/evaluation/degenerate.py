@@ -12,7 +12,10 @@
   baby dragon is a baby dragon who meets a stranger on a train." asked for a story about a baby
   dragon who meets a stranger on a train. Only judged where the instruction has no input text: a
   correct transformation ("The cats sit." for "Change to the plural: The cat sits.") reuses the
-  input's words by design.
+  input's words by design;
+- :func:`defines_by_itself` — a one-sentence answer built on a circular definition: "The elevator
+  is a type of elevator that moves up." asked how an elevator works (seen in the demo). An answer
+  that goes on with more sentences is an attempt and is left to the other criteria.
 
 Word-level rules on plain strings, like ``quality``'s predicates.
 """
@@ -34,6 +37,12 @@ _CASE_TASK = re.compile(r"\b(?:lower ?case|upper ?case|capital letters|capitali[
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 _APOSTROPHE = re.compile(r"(?<=\w)['’](?=\w)")
 _ARTICLES = frozenset({"a", "an", "the"})
+# "X is a type of X": the same one to three words on both sides (case aside)
+_SELF_DEFINITION = re.compile(
+    r"\b(?P<x>[^\W\d_]+(?:\s+[^\W\d_]+){0,2})\s+(?:is|are)\s+(?:(?:a|an|the|one)\s+)?"
+    r"(?:type|kind|sort|form|variety|example)s?\s+of\s+(?:(?:a|an|the)\s+)?(?P=x)\b",
+    re.IGNORECASE)
+_SENTENCE_BREAK = re.compile(r"[.!?](?:\s+|$)")
 
 
 def input_text(instruction: str) -> str | None:
@@ -108,3 +117,9 @@ def restates_instruction(instruction: str, response: str) -> bool:
         return False
     said = _content(response)
     return bool(said) and said <= _content(instruction)
+
+
+def defines_by_itself(response: str) -> bool:
+    """The response is one sentence and defines its subject by itself ("X is a kind of X")."""
+    sentences = [p for p in _SENTENCE_BREAK.split(response.strip()) if p.strip()]
+    return len(sentences) == 1 and _SELF_DEFINITION.search(response) is not None
