@@ -374,3 +374,17 @@ def test_sft_step_under_accelerate_launch_trains_on_two_processes(tmp_path, tiny
     assert step["metrics"]["mixed_precision"] == resolve_mixed_precision(run.config.sft.mixed_precision, "cpu")[0]
     assert run.path("models/sft/adapter_config.json").is_file()
     assert step["provenance"]["launcher"]["accelerate_config"] == str(config_file)
+
+
+def test_the_prompt_split_follows_the_data_seed_not_the_training_seed(tmp_path, tiny_model_folder):
+    """The instructions step is a data step (its skip hash holds the data seed): two training seeds
+    with one data seed write the same SFT/DPO prompt split, another data seed a different one."""
+    def split_for(name, *seeds):
+        cfg = tiny_config(tiny_model_folder, "instructions.builtin=200", "instructions.test_size=20",
+                          "instructions.self_instruct_rounds=0", *seeds)
+        run = Run(tmp_path / name, cfg)
+        run_instructions(run)
+        return run.path("data/prompt_split.json").read_text()
+
+    assert split_for("a", "seed=1", "data_seed=7") == split_for("b", "seed=2", "data_seed=7")
+    assert split_for("a", "seed=1", "data_seed=7") != split_for("c", "seed=1", "data_seed=8")

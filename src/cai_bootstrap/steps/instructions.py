@@ -166,7 +166,7 @@ def run_instructions(run: Run, force: bool = False) -> bool:
             check_template_leakage(train, test)
         write_jsonl(run.path(INSTRUCTIONS), train)
         write_jsonl(run.path(TEST), test)
-        prompt_split = split_prompts(train, cfg.dpo_share, config.seed)
+        prompt_split = split_prompts(train, cfg.dpo_share, config.data_seed_value)
         atomic_write_json(run.path(PROMPT_SPLIT), prompt_split.model_dump())
         if cfg.in_distribution_size:
             write_jsonl(run.path(TEST_IN_DISTRIBUTION), in_dist)
