@@ -395,7 +395,7 @@ def test_markdown_answers_first_with_notes_and_reading_guide(written, results):
 
 
 def test_rates_table_marks_best_model(results):
-    table = R.rates_table(results)
+    table = R._md_table(R.rates_rows(results))
     row = next(line for line in table.splitlines() if line.startswith("| ends_with_end "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "0% [0–10]"  # base, not bold

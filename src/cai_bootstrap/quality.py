@@ -160,7 +160,7 @@ def stem(word: str) -> str:
 _INSTRUCTION_STEMS = frozenset(stem(w) for w in _INSTRUCTION_WORDS.split())
 
 
-def _tokens(text: str) -> list[str]:
+def folded_words(text: str) -> list[str]:
     """Lower-case word tokens with apostrophes dropped inside words ("don't" -> "dont")."""
     return words(re.sub(r"(?<=\w)['’](?=\w)", "", text))
 
@@ -168,7 +168,7 @@ def _tokens(text: str) -> list[str]:
 def content_words(text: str) -> set[str]:
     """Stemmed words of text without stopwords and without single letters (digits are kept)."""
     out = set()
-    for tok in _tokens(text):
+    for tok in folded_words(text):
         if tok in STOPWORDS or (len(tok) < 2 and not tok.isdigit()):
             continue
         out.add(stem(tok))
@@ -206,8 +206,8 @@ def copies_instruction(instruction: str, response: str) -> bool:
     adds a word and is not a copy; a transformation that reuses the instruction's text
     ("Rewrite in lower case: THE CAT" -> "the cat") covers too little of it to be one.
     """
-    resp = _tokens(response)
-    instr = _tokens(instruction)
+    resp = folded_words(response)
+    instr = folded_words(instruction)
     if not resp or not instr:
         return False
     if resp == instr:
@@ -266,7 +266,7 @@ def repetition_ratio(text: str) -> float:
     Units are word trigrams when the text has at least TRIGRAM_MIN_WORDS words, else words:
     1 - distinct / total.
     """
-    toks = _tokens(text)
+    toks = folded_words(text)
     if len(toks) >= TRIGRAM_MIN_WORDS:
         units: list[object] = list(zip(toks, toks[1:], toks[2:]))
     else:

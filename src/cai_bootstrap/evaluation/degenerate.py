@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import re
 
-from ..formats import normalize
-from ..quality import STOPWORDS
+from ..quality import STOPWORDS, folded_words
 
 # "<directive>: <input>" carries an input text when the directive is at most this many words
 # ("Rewrite in the past tense:", "Respond to this message:", "Answer in one word:"); a longer
@@ -54,13 +53,8 @@ def input_text(instruction: str) -> str | None:
     return tail.strip()
 
 
-def _folded(text: str) -> list[str]:
-    """Lower-case words, punctuation dropped, apostrophes inside words removed ("don't" -> "dont")."""
-    return normalize(_APOSTROPHE.sub("", text)).split()
-
-
 def _words(text: str, keep_case: bool) -> list[str]:
-    return [_APOSTROPHE.sub("", w) for w in _WORD.findall(text)] if keep_case else _folded(text)
+    return [_APOSTROPHE.sub("", w) for w in _WORD.findall(text)] if keep_case else folded_words(text)
 
 
 def _contains_run(haystack: list[str], needle: list[str]) -> bool:
@@ -71,7 +65,7 @@ def _contains_run(haystack: list[str], needle: list[str]) -> bool:
 def _content(text: str) -> set[str]:
     """Lower-case words without stopwords and single letters; not stemmed, so that "meets" and
     "met" differ (a tense change is new content, a repeated word is not)."""
-    return {w for w in _folded(text) if w not in STOPWORDS and (len(w) > 1 or w.isdigit())}
+    return {w for w in folded_words(text) if w not in STOPWORDS and (len(w) > 1 or w.isdigit())}
 
 
 def copies_input(instruction: str, response: str) -> bool:
@@ -93,9 +87,9 @@ def copies_input(instruction: str, response: str) -> bool:
 def picks_option(instruction: str, response: str) -> bool:
     """The response is one of the words the instruction offers as choices, either side of an "or"
     ("no" for "yes or no", "A mouse." for "an elephant or a mouse"): an answer, right or wrong."""
-    words = [w for w in _folded(instruction) if w not in _ARTICLES]
+    words = [w for w in folded_words(instruction) if w not in _ARTICLES]
     options = {words[i + d] for i, w in enumerate(words) if w == "or" for d in (-1, 1) if 0 <= i + d < len(words)}
-    said = [w for w in _folded(response) if w not in _ARTICLES]
+    said = [w for w in folded_words(response) if w not in _ARTICLES]
     return len(said) == 1 and said[0] in options
 
 

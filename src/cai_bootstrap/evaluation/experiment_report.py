@@ -125,7 +125,7 @@ def rounds_section(results: Mapping[str, Any]) -> Section | None:
 
 def per_seed_section(results: Mapping[str, Any]) -> Section:
     blocks: list = [Para("Each seed's own paired comparison (what that run's report shows): McNemar's test and a "
-                         "paired bootstrap interval on that seed's items, uncorrected.")]
+                         "Newcombe interval of the paired difference on that seed's items, uncorrected.")]
     for rnd in results["rounds"]:
         rows = []
         for c in rnd["questions"]:
@@ -191,7 +191,7 @@ def method_section(results: Mapping[str, Any]) -> Section:
         "pooled discordant pairs when no item repeats).",
         f"Pooled intervals: {s['pooled_interval']}: seeds that only repeat each other give the interval of "
         f"one seed; with no discordant pair the interval stays open (n = 16 leaves ±19 points). Per-seed "
-        f"intervals are the runs' own paired bootstrap. Aspects (a response passes when every part that "
+        f"intervals are the runs' own (Newcombe's interval of the paired difference). Aspects (a response passes when every part that "
         f"applies passes): {aspects}.",
         "The test is conditional on the seeds run: the spread plot and the seeds agreeing say how much a "
         "seed moves the result.",

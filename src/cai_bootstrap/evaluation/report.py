@@ -33,7 +33,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from ..files import atomic_write_bytes, atomic_write_text  # noqa: E402
-from .questions import ASPECTS, points  # noqa: E402
+from .questions import ASPECTS, QUESTIONS, points  # noqa: E402
 from .training_summary import budget_notes  # noqa: E402
 
 DPI = 130
@@ -470,11 +470,6 @@ def rates_rows(results: Mapping[str, Any]) -> Table:
     return Table(["criterion", "n", *models], rows, numeric=[False, True] + [True] * len(models))
 
 
-def rates_table(results: Mapping[str, Any]) -> str:
-    """The models x criteria table as Markdown."""
-    return _md_table(rates_rows(results))
-
-
 def rates_section(results: Mapping[str, Any]) -> Section:
     definitions = results.get("definitions", {})
     blocks: list = [
@@ -679,7 +674,9 @@ def summaries_section(summaries: Mapping[str, Any] | None) -> Section | None:
     return Section("Data and training", "summaries", blocks)
 
 
-QUESTION_MODELS = {"Q2": "dpo vs sft", "Q3": "dpo vs dpo_only"}
+QUESTION_MODELS = {q.id: f"{q.a} vs {q.b}" for q in QUESTIONS}
+
+
 def _budget_rows(budgets: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for model, parts in budgets.items():
