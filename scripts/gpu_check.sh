@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU paths, checked on one CUDA GPU with the embedded model only (no hub), in about 10 minutes:
 #   bf16   the whole pipeline (configs/quick.yaml, smaller counts) with bf16 autocast for SFT and DPO
-#   vllm   the four models of that run evaluated again with generation.backend vllm
+#   vllm   the five models of that run evaluated again with generation.backend vllm
 #          (SKIP when vllm is not installed)
 #   zero3  SFT and both DPO runs again under configs/accelerate/deepspeed_zero3.yaml with one process
 #          (SKIP when deepspeed is not installed)

@@ -13,7 +13,8 @@ import math
 import sys
 from pathlib import Path
 
-MODELS = ("base", "sft", "dpo", "dpo_only")
+from cai_bootstrap.config import EVALUATED_MODELS as MODELS  # every model the run evaluates
+
 TRAINED = {"sft": "models/sft", "dpo": "models/dpo", "dpo_only": "models/dpo_only"}
 
 
@@ -84,7 +85,7 @@ def check_vllm(run: Path, hf_run: Path | None) -> str:
             if set(hf) != {r["id"] for r in rows}:
                 raise Failed(f"{model}: other ids than the HF run's")
             agree.append(f"{model} {sum(hf[r['id']] == r['response'] for r in rows)}/{len(rows)}")
-    return "4 models evaluated with vLLM" + (f"; same greedy text as HF: {', '.join(agree)}" if agree else "")
+    return f"{len(MODELS)} models evaluated with vLLM" + (f"; same greedy text as HF: {', '.join(agree)}" if agree else "")
 
 
 def check_zero3(run: Path) -> str:

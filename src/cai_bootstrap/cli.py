@@ -557,7 +557,6 @@ def inspect_masks(
 ) -> None:
     """Show which tokens are supervised: the response, END and EOS only, never the prompt."""
     from .formats import prompt_for
-    from .models.embedded import ModelNotAvailable
     from .models.loading import load_tokenizer, resolve
     from .training.masking import inspect_masks as inspect, render_masks
 
@@ -579,10 +578,7 @@ def inspect_masks(
         records.append(obj)
         if len(records) >= n:
             break
-    try:
-        tok = load_tokenizer(resolve(model).path)
-    except ModelNotAvailable as e:
-        fail(str(e))
+    tok = load_tokenizer(resolve(model).path)  # ModelNotAvailable: one line, from the guard
     if json_out:
         for row in inspect(tok, records, n, max_length=max_length):
             print(json.dumps(row, ensure_ascii=False))

@@ -19,11 +19,11 @@ from ..cpu_backend import choose, strategy_of_config
 from ..models.loading import default_device
 from ..run import Run
 from ..schemas import PreferencePair, load_jsonl
-from ..training.dpo import PLANNED_FACTS, TRAINING_JSON, check_parity, planned_facts, train_dpo
+from ..training.dpo import PLANNED_FACTS, RUN_NAMES, TRAINING_JSON, check_parity, planned_facts, train_dpo
 from .common import DPO_DIR, DPO_ONLY_DIR, LOGS, PAIRS, SFT_DIR, tracking_name
 from .worker import launch
 
-STEP_NAMES = {"sft": "dpo", "base": "dpo_only"}
+STEP_NAMES = RUN_NAMES  # init -> step name (and run directory name), one map with the parity record
 OUT_DIRS = {"sft": DPO_DIR, "base": DPO_ONLY_DIR}
 REF_CACHE = "cache/ref_logps"
 SUMMARY_KEYS = ("train_loss", "steps", "pairs_seen", "tokens_seen", "learning_rate", "final_reward_accuracy",
